@@ -1,0 +1,1 @@
+"""Triton kernels of rnan_fast, installed as rnan_fast.kernels. Imports only torch and triton."""

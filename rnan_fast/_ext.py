@@ -1,0 +1,64 @@
+"""Loads the compiled extension rnan_fast._C and Triton, and says what is available.
+
+Nothing here raises: a missing piece only sets its flag to False and records why, so that
+`import rnan_fast` works on any machine and `backend_info()` can tell the user.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+EXTENSION = False          # rnan_fast._C loaded (its C++ CPU kernels are there)
+EXTENSION_CUDA = False     # rnan_fast._C was compiled with its CUDA kernels
+EXTENSION_ERROR = ""
+if importlib.util.find_spec("rnan_fast._C") is None:
+    EXTENSION_ERROR = "rnan_fast._C is not built: install with `pip install --no-build-isolation -e .`"
+else:
+    try:
+        _C = importlib.import_module("rnan_fast._C")  # registers the torch.ops.rnan_fast.*_fwd/_bwd kernels
+        EXTENSION = True
+        EXTENSION_CUDA = bool(_C.cuda_compiled())
+    except Exception as e:  # an ABI mismatch (built against another torch) surfaces as ImportError/OSError
+        EXTENSION_ERROR = f"rnan_fast._C failed to load: {type(e).__name__}: {e}"
+
+TRITON_ERROR = ""
+TRITON = importlib.util.find_spec("triton") is not None
+if not TRITON:
+    TRITON_ERROR = "triton is not installed"
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_version() -> str | None:
+    if not TRITON:
+        return None
+    try:
+        return importlib.import_module("triton").__version__
+    except Exception as e:  # a broken install: report it rather than fail the import
+        return f"unimportable ({type(e).__name__}: {e})"
+
+
+def backend_info() -> dict:
+    """What this installation can run, with versions and the reasons for anything missing."""
+    from rnan_fast._backend import get_backend
+
+    return {
+        "backend": get_backend(),
+        "extension": EXTENSION,
+        "extension_cuda": EXTENSION_CUDA,
+        "extension_error": EXTENSION_ERROR or None,
+        "triton": TRITON,
+        "triton_error": TRITON_ERROR or None,
+        "triton_interpret": triton_interpret(),
+        "cuda": torch.cuda.is_available(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton_version": triton_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
