@@ -1,0 +1,53 @@
+"""Test-session setup shared by all test files.
+
+- On a machine without CUDA, Triton kernels run through the interpreter (TRITON_INTERPRET=1
+  must be set before Triton is first imported, hence here).
+- `shared_dir`: the project's shared data (../shared beside the checkout, or $RNAN_FAST_SHARED).
+  Tests that need it skip with a reason when it is absent, unless RNAN_FAST_REQUIRE_SHARED=1
+  (set by .ci/run), where its absence is a failure.
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("RNAN_FAST_SHARED", REPO.parent / "shared"))
+
+
+def _require(path: Path) -> Path:
+    if path.exists():
+        return path
+    if os.environ.get("RNAN_FAST_REQUIRE_SHARED", "0") not in ("", "0"):
+        pytest.fail(f"{path} is missing and RNAN_FAST_REQUIRE_SHARED is set")
+    pytest.skip(f"{path} is absent (shared data lives beside the checkout; set RNAN_FAST_SHARED)")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return _require(SHARED)
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir(shared_dir) -> Path:
+    return _require(shared_dir / "fixtures")
+
+
+@pytest.fixture(scope="session")
+def data_dir(shared_dir) -> Path:
+    return _require(shared_dir / "data")
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """Every test starts and ends on the default global backend."""
+    import rnan_fast
+
+    previous = rnan_fast.get_backend()
+    rnan_fast.set_backend("auto")
+    yield
+    rnan_fast.set_backend(previous)
