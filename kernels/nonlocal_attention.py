@@ -1,0 +1,604 @@
+"""Fused non-local attention in Triton: out = softmax(theta @ phi^T, dim=1 or 2) @ g, never storing N x N.
+
+Inputs theta, phi: (B, N, D), g: (B, N, DV), any strides, D and DV in HEAD_DIMS, dtype fp32 / fp16 /
+bf16. Scores S = theta phi^T are unscaled (as in the official RNAN) and always held in fp32: on
+0..255 images they reach ~1e4, far beyond what an fp16/bf16 score could carry. Every dot
+accumulates in fp32; probabilities are cast to the input dtype only to feed the next tensor-core
+dot (fp32 inputs keep them in fp32).
+
+Notation in the kernels: q = theta (queries, index i), k = phi (keys, index j), v = g, o = out,
+do = dOut. "query-major" kernels give each program BLOCK_M queries and loop over all keys in
+BLOCK_N steps; "key-major" kernels give each program BLOCK_N keys and loop over all queries in
+BLOCK_M steps. Grid: (cdiv(N, own block), B). Memory beyond inputs and outputs: stats (2, B, N) fp32
+in the forward; stats + D (B, N) fp32 in the backward. Nothing of size N x N exists anywhere.
+
+Saved statistics ("lse" of the op): stats (2, B, N) fp32, m = stats[0] the max score of each
+softmax (natural units) and r = stats[1] = log2 sum exp2((S - m) log2 e), so that the natural
+LSE = m + r ln 2 (`lse_natural`). Every weight is then exp2((S - m) log2e - r): one FADD, one FFMA
+and one MUFU ex2 per score. Why split: scores reach ~1e4, where half an fp32 ulp is ~5e-4, so a
+single stored LSE puts a 5e-4 relative error on every weight, and the dominant weight of a
+saturated softmax (large scores make most of them saturated) is no longer 1: its gradient
+P (dP - D) then holds noise of size 5e-4 |dP| where the true value is ~0. S - m is exact near
+the maximum (Sterbenz), so with the split the dominant weight is 1 to the last bit, as in
+PyTorch's softmax. The extra FADD is free beside the ex2 (MUFU) bound. The op's lse output is
+internal (non-differentiable, consumed only by this module's backward).
+
+Column softmax (softmax_over="query", official RNAN, softmax over queries, dim=1):
+  pass 1 `_col_lse_kernel`, key-major: online log-sum-exp over queries for each key -> (m_j, r_j).
+          N^2 exps, one dot per block pair, no accumulator but (m, l) per key.
+  pass 2 `_fwd_known_lse_kernel`, query-major: acc_i = sum_j exp2((S_ij - m_j) log2e - r_j) g_j.
+          Every weight is already final and <= 1 (up to rounding), so there is no running
+          max, no rescaling of the accumulator and no final divide: N^2 exps, two dots.
+Row softmax (softmax_over="key", ordinary attention): `_fwd_row_kernel`, one query-major
+  online-softmax pass (running max m_i, sum l_i, rescaled accumulator), writes out and (m_i, r_i).
+
+Backward (saved: theta, phi, g, out, stats). With P the probabilities and dY = dOut:
+  dG_j = sum_i P_ij dY_i;   dS_ij = P_ij (dY_i . g_j - D);   dTheta = dS Phi;   dPhi = dS^T Theta,
+  D = sum_k P dP over the normalising index (D_i per query for the row softmax, D_j per key for
+  the column softmax; = dY_i . out_i and g_j . dG_j in exact arithmetic). It is summed from the
+  very P and dP that the gradient loop recomputes, so that dP - D cancels exactly where the
+  softmax saturates (see _bwd_kv_kernel). For the column softmax P^T = rowsoftmax(Phi Theta^T):
+  it is ordinary attention with queries and keys swapped, so two kernels serve both modes:
+  `_bwd_kv_kernel` (key-major) -> dG (= dV) and dPhi (= dK). Column mode: loop 1 accumulates dG_j
+      and D_j (stored for the next kernel), loop 2 dPhi_j. Row mode: one loop, D_i given.
+  `_bwd_q_kernel` (query-major) -> dTheta (= dQ). Row mode: loop 1 D_i (stored; this kernel then
+      runs first), loop 2 dTheta_i. Column mode: one loop, D_j given.
+  Exps: column backward 3 N^2, row backward 3 N^2 (FlashAttention-2 needs 2 with an atomic dQ).
+  No atomics anywhere: each output row is owned by exactly one program and accumulated in a
+  fixed order, so the backward is deterministic (bit-reproducible run to run) whatever
+  `deterministic` says. The flag is kept in the API so an atomic variant (dQ accumulated from
+  the key-major kernel, one N^2 pass fewer) can be added behind it if it measures faster.
+
+Masking: any N >= 1. Each loop runs over the full blocks without masks and then, if N is not a
+multiple of the block, one masked step (`MASKED` constexpr) that zeroes the weights of padded
+rows explicitly (a padded row loads zeros, whose score 0 could give exp(-LSE) = inf).
+Offsets: batch and row offsets are int64, so B*N*D > 2^31 elements is fine.
+
+Dot precision: fp16/bf16 use tensor cores. fp32 follows torch.get_float32_matmul_precision():
+"highest" -> FP32_HIGHEST_INPUT_PRECISION ("tf32x3": three tf32 products, ~fp32 accuracy at a
+fraction of the cost of "ieee" FMA dots), "high"/"medium" -> "tf32".
+
+Tuning: on a GPU every kernel is autotuned over a few block/warp/stage configs, keyed on
+(N bucket = next power of two, D, DV, dot precision, dtypes). Tuning benchmarks (and syncs), so
+run each new shape once eagerly before capturing a CUDA graph. Under TRITON_INTERPRET=1 (CPU
+tests) one small asymmetric config (BLOCK_M=32, BLOCK_N=16) is used and nothing is tuned.
+Launches go to the current stream; no host synchronisation, no .item().
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+HEAD_DIMS = (16, 32, 64)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP32_HIGHEST_INPUT_PRECISION = "tf32x3"   # or "ieee" (exact fp32 FMA dots, several times slower)
+
+LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs. Query-major kernels own BLOCK_M queries and step BLOCK_N keys; key-major ones own
+# BLOCK_N keys and step BLOCK_M queries.
+# ----------------------------------------------------------------------------------------------
+def _configs(pairs):
+    if _INTERPRET:
+        # One config, no tuning; asymmetric so that a swapped index shows up in the tests.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+
+
+# Query-major: a big own block amortises the q load and the accumulator; the streamed block
+# is what the pipeline stages hold.
+_QMAJOR = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4),
+           (64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 4, 3), (64, 32, 4, 4)]
+# Key-major: the roles swap (own BLOCK_N keys, stream BLOCK_M queries).
+_KMAJOR = [(64, 128, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2), (32, 128, 4, 4),
+           (64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 4, 3), (32, 64, 4, 4)]
+# The backward kernels hold more live tiles (dK and dV, or dQ, plus P and dP): smaller blocks.
+_BWD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2),
+        (32, 64, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2), (32, 128, 4, 2)]
+
+_KEY = ["N_BUCKET", "D", "DV", "PREC"]
+
+
+def _autotune(pairs):
+    return triton.autotune(configs=_configs(pairs), key=_KEY)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward, row softmax (ordinary attention): one online-softmax pass.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _row_fwd_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, N, offs_n,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    if MASKED:
+        valid = (start_n + offs_n) < N
+        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)            # (BLOCK_M, BLOCK_N) fp32
+    if MASKED:
+        s = tl.where(valid[None, :], s, float("-inf"))
+    # log2e > 0 and rounding is monotone, so max(s) * log2e == max(s * log2e).
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2((s - m_new[:, None]) * 1.4426950408889634)  # FADD + FMUL + ex2 per score
+    alpha = tl.math.exp2((m_i - m_new) * 1.4426950408889634)     # 0 on the first step (m_i = -inf)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return acc, m_new, l_i
+
+
+@_autotune(_QMAJOR)
+@triton.jit
+def _fwd_row_kernel(Q, K, V, O, M, R,
+                    sqb, sqn, sqd, skb, skn, skd, svb, svn, svd, sob, son, sod,
+                    N, N_BUCKET,
+                    D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    m_valid = offs_m < N
+    rows = tl.cast(offs_m, tl.int64)
+    q = tl.load(Q + b * sqb + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=m_valid[:, None], other=0.0)
+    k_ptrs = K + b * skb + offs_n[:, None] * skn + offs_d[None, :] * skd
+    v_ptrs = V + b * svb + offs_n[:, None] * svn + offs_dv[None, :] * svd
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        st = tl.cast(start_n, tl.int64)
+        acc, m_i, l_i = _row_fwd_step(acc, m_i, l_i, q, k_ptrs + st * skn, v_ptrs + st * svn, start_n, N,
+                                      offs_n, BLOCK_N, False, PREC)
+    if n_full < N:
+        st = tl.cast(n_full, tl.int64)
+        acc, m_i, l_i = _row_fwd_step(acc, m_i, l_i, q, k_ptrs + st * skn, v_ptrs + st * svn, n_full, N,
+                                      offs_n, BLOCK_N, True, PREC)
+    out = acc / l_i[:, None]
+    tl.store(O + b * sob + rows[:, None] * son + offs_dv[None, :] * sod, out.to(O.dtype.element_ty),
+             mask=m_valid[:, None])
+    tl.store(M + b * N + rows, m_i, mask=m_valid)
+    tl.store(R + b * N + rows, tl.math.log2(l_i), mask=m_valid)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward, column softmax (official RNAN). Pass 1: L2_j per key, key-major.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _col_lse_step(m_j, l_j, k, q_ptrs, start_m, N, offs_m,
+                  MASKED: tl.constexpr, PREC: tl.constexpr):
+    if MASKED:
+        valid = (start_m + offs_m) < N
+        q = tl.load(q_ptrs, mask=valid[:, None], other=0.0)
+    else:
+        q = tl.load(q_ptrs)
+    st = tl.dot(k, tl.trans(q), input_precision=PREC)           # S^T block: (BLOCK_N, BLOCK_M)
+    if MASKED:
+        st = tl.where(valid[None, :], st, float("-inf"))
+    m_new = tl.maximum(m_j, tl.max(st, 1))
+    p = tl.math.exp2((st - m_new[:, None]) * 1.4426950408889634)
+    l_j = l_j * tl.math.exp2((m_j - m_new) * 1.4426950408889634) + tl.sum(p, 1)
+    return m_new, l_j
+
+
+@_autotune(_KMAJOR)
+@triton.jit
+def _col_lse_kernel(Q, K, M, R, sqb, sqn, sqd, skb, skn, skd,
+                    N, N_BUCKET,
+                    D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    n_valid = offs_n < N
+    cols = tl.cast(offs_n, tl.int64)
+    k = tl.load(K + b * skb + cols[:, None] * skn + offs_d[None, :] * skd, mask=n_valid[:, None], other=0.0)
+    q_ptrs = Q + b * sqb + offs_m[:, None] * sqn + offs_d[None, :] * sqd
+    m_j = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l_j = tl.zeros([BLOCK_N], tl.float32)
+    m_full = (N // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        m_j, l_j = _col_lse_step(m_j, l_j, k, q_ptrs + tl.cast(start_m, tl.int64) * sqn, start_m, N, offs_m,
+                                 False, PREC)
+    if m_full < N:
+        m_j, l_j = _col_lse_step(m_j, l_j, k, q_ptrs + tl.cast(m_full, tl.int64) * sqn, m_full, N, offs_m,
+                                 True, PREC)
+    tl.store(M + b * N + cols, m_j, mask=n_valid)
+    tl.store(R + b * N + cols, tl.math.log2(l_j), mask=n_valid)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward, column softmax. Pass 2: out_i = sum_j exp2(S_ij log2e - L2_j) g_j, query-major.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _known_lse_step(acc, q, k_ptrs, v_ptrs, m_ptrs, r_ptrs, start_n, N, offs_n,
+                    MASKED: tl.constexpr, PREC: tl.constexpr):
+    if MASKED:
+        valid = (start_n + offs_n) < N
+        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
+        mx = tl.load(m_ptrs, mask=valid, other=0.0)
+        rr = tl.load(r_ptrs, mask=valid, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+        mx = tl.load(m_ptrs)
+        rr = tl.load(r_ptrs)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    # Final weights, each <= 1: nothing to rescale later.
+    p = _weight(s, mx[None, :], rr[None, :])
+    if MASKED:
+        p = tl.where(valid[None, :], p, 0.0)
+    return acc + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+
+
+@_autotune(_QMAJOR)
+@triton.jit
+def _fwd_known_lse_kernel(Q, K, V, O, M, R,
+                          sqb, sqn, sqd, skb, skn, skd, svb, svn, svd, sob, son, sod,
+                          N, N_BUCKET,
+                          D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    m_valid = offs_m < N
+    rows = tl.cast(offs_m, tl.int64)
+    q = tl.load(Q + b * sqb + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=m_valid[:, None], other=0.0)
+    k_ptrs = K + b * skb + offs_n[:, None] * skn + offs_d[None, :] * skd
+    v_ptrs = V + b * svb + offs_n[:, None] * svn + offs_dv[None, :] * svd
+    m_ptrs = M + b * N + offs_n
+    r_ptrs = R + b * N + offs_n
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        st = tl.cast(start_n, tl.int64)
+        acc = _known_lse_step(acc, q, k_ptrs + st * skn, v_ptrs + st * svn, m_ptrs + st, r_ptrs + st, start_n, N, offs_n,
+                              False, PREC)
+    if n_full < N:
+        st = tl.cast(n_full, tl.int64)
+        acc = _known_lse_step(acc, q, k_ptrs + st * skn, v_ptrs + st * svn, m_ptrs + st, r_ptrs + st, n_full, N, offs_n,
+                              True, PREC)
+    tl.store(O + b * sob + rows[:, None] * son + offs_dv[None, :] * sod, acc.to(O.dtype.element_ty),
+             mask=m_valid[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _load_rows(ptrs, start, N, offs, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptrs, mask=((start + offs) < N)[:, None], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _load_vec(ptrs, start, N, offs, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptrs, mask=(start + offs) < N, other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _weight(s, mx, rr):
+    """exp(S - LSE) from the split statistics: s - m is exact near the maximum (Sterbenz), so the
+    dominant weight of a saturated softmax comes out as exp2(-r) ~ 1 to the last bit."""
+    return tl.math.exp2((s - mx) * 1.4426950408889634 - rr)     # FADD + FFMA + ex2
+
+
+@triton.jit
+def _kv_step(dk, dv, dacc, k, v, m_k, r_k, delta_k, q_ptrs, do_ptrs, m_ptrs, r_ptrs, dl_ptrs, start_m, N,
+             offs_m, STATS_PER_KEY: tl.constexpr, WANT_DV: tl.constexpr, WANT_DK: tl.constexpr,
+             MASKED: tl.constexpr, PREC: tl.constexpr):
+    """One query block for a key-major program: P^T, then dV += P^T dY and D_j += sum_i P dP
+    (loop 1 of the column softmax), or dV and/or dK += dS^T Q."""
+    q = _load_rows(q_ptrs, start_m, N, offs_m, MASKED)
+    do = _load_rows(do_ptrs, start_m, N, offs_m, MASKED)
+    st = tl.dot(k, tl.trans(q), input_precision=PREC)           # (BLOCK_N, BLOCK_M)
+    if STATS_PER_KEY:
+        pt = _weight(st, m_k[:, None], r_k[:, None])
+        delta = delta_k[:, None]
+    else:
+        pt = _weight(st, _load_vec(m_ptrs, start_m, N, offs_m, MASKED)[None, :],
+                     _load_vec(r_ptrs, start_m, N, offs_m, MASKED)[None, :])
+        delta = _load_vec(dl_ptrs, start_m, N, offs_m, MASKED)[None, :]
+    if MASKED:
+        pt = tl.where(((start_m + offs_m) < N)[None, :], pt, 0.0)
+    if WANT_DV:
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)          # (BLOCK_N, BLOCK_M): g_j . dY_i
+    if WANT_DK:
+        dst = pt * (dpt - delta)
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+    else:
+        dacc += tl.sum(pt * dpt, 1)
+    return dk, dv, dacc
+
+
+@triton.jit
+def _kv_loop(dk, dv, dacc, k, v, m_k, r_k, delta_k, q_ptrs, do_ptrs, m_ptrs, r_ptrs, dl_ptrs, N, offs_m, sqn, sdn,
+             STATS_PER_KEY: tl.constexpr, WANT_DV: tl.constexpr, WANT_DK: tl.constexpr,
+             BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+    m_full = (N // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        st = tl.cast(start_m, tl.int64)
+        dk, dv, dacc = _kv_step(dk, dv, dacc, k, v, m_k, r_k, delta_k, q_ptrs + st * sqn, do_ptrs + st * sdn,
+                                m_ptrs + st, r_ptrs + st, dl_ptrs + st, start_m, N, offs_m, STATS_PER_KEY, WANT_DV, WANT_DK,
+                          False, PREC)
+    if m_full < N:
+        st = tl.cast(m_full, tl.int64)
+        dk, dv, dacc = _kv_step(dk, dv, dacc, k, v, m_k, r_k, delta_k, q_ptrs + st * sqn, do_ptrs + st * sdn,
+                                m_ptrs + st, r_ptrs + st, dl_ptrs + st, m_full, N, offs_m, STATS_PER_KEY, WANT_DV, WANT_DK,
+                          True, PREC)
+    return dk, dv, dacc
+
+
+@_autotune(_BWD)
+@triton.jit
+def _bwd_kv_kernel(Q, K, V, DO, M, R, DELTA, DK, DV_,
+                   sqb, sqn, sqd, skb, skn, skd, svb, svn, svd, sdb, sdn, sdd,
+                   sdkb, sdkn, sdkd, sdvb, sdvn, sdvd,
+                   N, N_BUCKET,
+                   D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, STATS_PER_KEY: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    n_valid = offs_n < N
+    cols = tl.cast(offs_n, tl.int64)
+    k = tl.load(K + b * skb + cols[:, None] * skn + offs_d[None, :] * skd, mask=n_valid[:, None], other=0.0)
+    v = tl.load(V + b * svb + cols[:, None] * svn + offs_dv[None, :] * svd, mask=n_valid[:, None], other=0.0)
+    q_ptrs = Q + b * sqb + offs_m[:, None] * sqn + offs_d[None, :] * sqd
+    do_ptrs = DO + b * sdb + offs_m[:, None] * sdn + offs_dv[None, :] * sdd
+    m_ptrs = M + b * N + offs_m
+    r_ptrs = R + b * N + offs_m
+    dl_ptrs = DELTA + b * N + offs_m
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, DV], tl.float32)
+    if STATS_PER_KEY:
+        # Column softmax: D_j needs a whole column first, so two loops over the queries. D_j is
+        # summed as sum_i P_ij dP_ij (= g_j . dG_j in exact arithmetic) from the very P and dP that
+        # loop 2 recomputes bit for bit: for a saturated column (P = 1 at one query, as 1e4-sized
+        # scores give) dP - D then cancels exactly, as in PyTorch's softmax backward, instead of
+        # leaving rounding noise of size eps * |dP| where the true gradient is ~0.
+        m_k = tl.load(M + b * N + cols, mask=n_valid, other=0.0)
+        r_k = tl.load(R + b * N + cols, mask=n_valid, other=0.0)
+        zero = tl.zeros([BLOCK_N], tl.float32)
+        dk, dv, delta_k = _kv_loop(dk, dv, zero, k, v, m_k, r_k, zero, q_ptrs, do_ptrs, m_ptrs, r_ptrs, dl_ptrs,
+                                   N, offs_m, sqn, sdn, True, True, False, BLOCK_M, PREC)
+        tl.store(DELTA + b * N + cols, delta_k, mask=n_valid)
+        dk, dv, delta_k = _kv_loop(dk, dv, delta_k, k, v, m_k, r_k, delta_k, q_ptrs, do_ptrs, m_ptrs, r_ptrs,
+                                   dl_ptrs, N, offs_m, sqn, sdn, True, False, True, BLOCK_M, PREC)
+    else:
+        # Row softmax: D_i per query comes from _bwd_q_kernel (run first): one loop does both.
+        zero = tl.zeros([BLOCK_N], tl.float32)
+        dk, dv, zero = _kv_loop(dk, dv, zero, k, v, zero, zero, zero, q_ptrs, do_ptrs, m_ptrs, r_ptrs, dl_ptrs,
+                                N, offs_m, sqn, sdn, False, True, True, BLOCK_M, PREC)
+    tl.store(DK + b * sdkb + cols[:, None] * sdkn + offs_d[None, :] * sdkd, dk.to(DK.dtype.element_ty),
+             mask=n_valid[:, None])
+    tl.store(DV_ + b * sdvb + cols[:, None] * sdvn + offs_dv[None, :] * sdvd, dv.to(DV_.dtype.element_ty),
+             mask=n_valid[:, None])
+
+
+@triton.jit
+def _q_step(dq, dacc, q, do, m_q, r_q, delta_q, k_ptrs, v_ptrs, m_ptrs, r_ptrs, dl_ptrs, start_n, N, offs_n,
+            STATS_PER_KEY: tl.constexpr, WANT_DQ: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """One key block for a query-major program: dQ += dS K, or D_i += sum_j P dP (row softmax, loop 1)."""
+    k = _load_rows(k_ptrs, start_n, N, offs_n, MASKED)
+    v = _load_rows(v_ptrs, start_n, N, offs_n, MASKED)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)            # (BLOCK_M, BLOCK_N)
+    if STATS_PER_KEY:
+        p = _weight(s, _load_vec(m_ptrs, start_n, N, offs_n, MASKED)[None, :],
+                    _load_vec(r_ptrs, start_n, N, offs_n, MASKED)[None, :])
+        delta = _load_vec(dl_ptrs, start_n, N, offs_n, MASKED)[None, :]
+    else:
+        p = _weight(s, m_q[:, None], r_q[:, None])
+        delta = delta_q[:, None]
+    if MASKED:
+        p = tl.where(((start_n + offs_n) < N)[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)          # dY_i . g_j
+    if WANT_DQ:
+        ds = p * (dp - delta)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    else:
+        dacc += tl.sum(p * dp, 1)
+    return dq, dacc
+
+
+@triton.jit
+def _q_loop(dq, dacc, q, do, m_q, r_q, delta_q, k_ptrs, v_ptrs, m_ptrs, r_ptrs, dl_ptrs, N, offs_n, skn, svn,
+            STATS_PER_KEY: tl.constexpr, WANT_DQ: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        st = tl.cast(start_n, tl.int64)
+        dq, dacc = _q_step(dq, dacc, q, do, m_q, r_q, delta_q, k_ptrs + st * skn, v_ptrs + st * svn, m_ptrs + st,
+                           r_ptrs + st, dl_ptrs + st, start_n, N, offs_n, STATS_PER_KEY, WANT_DQ, False, PREC)
+    if n_full < N:
+        st = tl.cast(n_full, tl.int64)
+        dq, dacc = _q_step(dq, dacc, q, do, m_q, r_q, delta_q, k_ptrs + st * skn, v_ptrs + st * svn, m_ptrs + st,
+                           r_ptrs + st, dl_ptrs + st, n_full, N, offs_n, STATS_PER_KEY, WANT_DQ, True, PREC)
+    return dq, dacc
+
+
+@_autotune(_BWD)
+@triton.jit
+def _bwd_q_kernel(Q, K, V, DO, M, R, DELTA, DQ,
+                  sqb, sqn, sqd, skb, skn, skd, svb, svn, svd, sdb, sdn, sdd, sdqb, sdqn, sdqd,
+                  N, N_BUCKET,
+                  D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, STATS_PER_KEY: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    m_valid = offs_m < N
+    rows = tl.cast(offs_m, tl.int64)
+    q = tl.load(Q + b * sqb + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=m_valid[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + rows[:, None] * sdn + offs_dv[None, :] * sdd, mask=m_valid[:, None], other=0.0)
+    k_ptrs = K + b * skb + offs_n[:, None] * skn + offs_d[None, :] * skd
+    v_ptrs = V + b * svb + offs_n[:, None] * svn + offs_dv[None, :] * svd
+    m_ptrs = M + b * N + offs_n
+    r_ptrs = R + b * N + offs_n
+    dl_ptrs = DELTA + b * N + offs_n
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    if STATS_PER_KEY:
+        # Column softmax: statistics and D_j per key, loaded in the loop (D_j from _bwd_kv_kernel).
+        zero = tl.zeros([BLOCK_M], tl.float32)
+        dq, zero = _q_loop(dq, zero, q, do, zero, zero, zero, k_ptrs, v_ptrs, m_ptrs, r_ptrs, dl_ptrs, N, offs_n,
+                           skn, svn, True, True, BLOCK_N, PREC)
+    else:
+        # Row softmax: loop 1 sums D_i = sum_j P_ij dP_ij (exact cancellation for saturated rows, see
+        # _bwd_kv_kernel; FlashAttention's dY . out differs from it by rounding), stores it for
+        # _bwd_kv_kernel, loop 2 accumulates dQ.
+        m_q = tl.load(M + b * N + rows, mask=m_valid, other=0.0)
+        r_q = tl.load(R + b * N + rows, mask=m_valid, other=0.0)
+        zero = tl.zeros([BLOCK_M], tl.float32)
+        dq, delta_q = _q_loop(dq, zero, q, do, m_q, r_q, zero, k_ptrs, v_ptrs, m_ptrs, r_ptrs, dl_ptrs, N, offs_n,
+                              skn, svn, False, False, BLOCK_N, PREC)
+        tl.store(DELTA + b * N + rows, delta_q, mask=m_valid)
+        dq, delta_q = _q_loop(dq, delta_q, q, do, m_q, r_q, delta_q, k_ptrs, v_ptrs, m_ptrs, r_ptrs, dl_ptrs, N,
+                              offs_n, skn, svn, False, True, BLOCK_N, PREC)
+    tl.store(DQ + b * sdqb + rows[:, None] * sdqn + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
+             mask=m_valid[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def unsupported_reason(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor) -> str:
+    """"" when the kernels take these inputs, else what is wrong (for error messages and "auto")."""
+    if theta.dtype not in DTYPES or phi.dtype != theta.dtype or g.dtype != theta.dtype:
+        return (f"dtype {theta.dtype} is not supported by the Triton kernel "
+                f"(supported: {', '.join(str(t) for t in DTYPES)})")
+    for name, dim in (("head dim d of theta/phi", theta.shape[-1]), ("value dim of g", g.shape[-1])):
+        if dim not in HEAD_DIMS:
+            return (f"{name} = {dim} is not supported by the Triton kernel "
+                    f"(supported: {', '.join(map(str, HEAD_DIMS))})")
+    return ""
+
+
+def check_inputs(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, softmax_over: str) -> None:
+    """Raise ValueError (shapes, head dims, softmax_over) or TypeError (dtype) for inputs the kernels refuse."""
+    if softmax_over not in ("query", "key"):
+        raise ValueError(f"softmax_over must be 'query' or 'key', got {softmax_over!r}")
+    if theta.dim() != 3 or phi.shape != theta.shape or g.dim() != 3 or g.shape[:2] != theta.shape[:2]:
+        raise ValueError(f"expected theta, phi (B, N, d) and g (B, N, dv), got {tuple(theta.shape)}, "
+                         f"{tuple(phi.shape)}, {tuple(g.shape)}")
+    reason = unsupported_reason(theta, phi, g)
+    if reason:
+        raise (TypeError if reason.startswith("dtype") else ValueError)(f"nonlocal_attention: {reason}")
+
+
+def stats_shape(B: int, N: int) -> tuple[int, int, int]:
+    """Shape of the saved softmax statistics ("lse" of the op): (2, B, N) fp32, see the docstring."""
+    return (2, B, N)
+
+
+def lse_natural(stats: torch.Tensor) -> torch.Tensor:
+    """The natural-log LSE (B, N) from the saved statistics: m + ln 2 * r."""
+    return stats[0] + math.log(2.0) * stats[1]
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype != torch.float32:
+        return "tf32"   # ignored for fp16/bf16 operands
+    return FP32_HIGHEST_INPUT_PRECISION if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _bucket(n: int) -> int:
+    # Tune once per power-of-two size class, not once per image size.
+    return 1 << max(8, math.ceil(math.log2(max(n, 1))))
+
+
+def _grid_m(B, N):
+    return lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B)
+
+
+def _grid_n(B, N):
+    return lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B)
+
+
+def forward(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, softmax_over: str = "query"):
+    """(out (B, N, dv) in g's dtype, stats (2, B, N) fp32 = (max score m, log2 of the sum r))."""
+    check_inputs(theta, phi, g, softmax_over)
+    B, N, D = theta.shape
+    DV = g.shape[-1]
+    out = torch.empty(B, N, DV, dtype=g.dtype, device=g.device)
+    stats = torch.empty(stats_shape(B, N), dtype=torch.float32, device=g.device)
+    if B == 0 or N == 0:
+        return out, stats
+    prec = _precision(theta.dtype)
+    strides = (*theta.stride(), *phi.stride(), *g.stride(), *out.stride())
+    if softmax_over == "key":
+        _fwd_row_kernel[_grid_m(B, N)](theta, phi, g, out, stats[0], stats[1], *strides, N, _bucket(N),
+                                       D=D, DV=DV, PREC=prec)
+    else:
+        _col_lse_kernel[_grid_n(B, N)](theta, phi, stats[0], stats[1], *theta.stride(), *phi.stride(),
+                                       N, _bucket(N), D=D, DV=DV, PREC=prec)
+        _fwd_known_lse_kernel[_grid_m(B, N)](theta, phi, g, out, stats[0], stats[1], *strides, N, _bucket(N),
+                                             D=D, DV=DV, PREC=prec)
+    return out, stats
+
+
+def backward(dout, theta, phi, g, out, stats, softmax_over: str = "query", deterministic: bool = False):
+    """(dtheta, dphi, dg) in the inputs' dtypes from the saved stats of `forward`.
+
+    Always deterministic (no atomics; see the module docstring), so `deterministic` changes nothing.
+    """
+    check_inputs(theta, phi, g, softmax_over)
+    B, N, D = theta.shape
+    DV = g.shape[-1]
+    if tuple(stats.shape) != stats_shape(B, N):
+        raise ValueError(f"nonlocal_attention backward: stats must be {stats_shape(B, N)} (from this "
+                         f"module's forward), got {tuple(stats.shape)}")
+    dtheta, dphi, dg = torch.empty_like(theta), torch.empty_like(phi), torch.empty_like(g)
+    if B == 0 or N == 0:
+        return dtheta, dphi, dg
+    if dout.dtype != g.dtype:
+        dout = dout.to(g.dtype)
+    stats = stats.to(torch.float32).contiguous()   # no-op for this module's own stats
+    delta = torch.empty(B, N, dtype=torch.float32, device=g.device)
+    prec = _precision(theta.dtype)
+    per_key = softmax_over == "query"
+    ins = (*theta.stride(), *phi.stride(), *g.stride(), *dout.stride())
+
+    def kv():
+        _bwd_kv_kernel[_grid_n(B, N)](theta, phi, g, dout, stats[0], stats[1], delta, dphi, dg, *ins,
+                                      *dphi.stride(), *dg.stride(), N, _bucket(N),
+                                      D=D, DV=DV, PREC=prec, STATS_PER_KEY=per_key)
+
+    def q():
+        _bwd_q_kernel[_grid_m(B, N)](theta, phi, g, dout, stats[0], stats[1], delta, dtheta, *ins,
+                                     *dtheta.stride(), N, _bucket(N), D=D, DV=DV, PREC=prec,
+                                     STATS_PER_KEY=per_key)
+
+    # The kernel that owns the normalising index computes D first and stores it for the other.
+    if per_key:
+        kv()
+        q()
+    else:
+        q()
+        kv()
+    return dtheta, dphi, dg
