@@ -1,0 +1,368 @@
+"""RNAN, a drop-in for the official model (same parameter names and shapes), any H x W.
+
+    net = RNAN(n_colors=3, scale=1, n_feats=64, n_resgroups=10)   # keywords
+    net = RNAN(args)                                              # official-style namespace
+    net = RNAN.from_checkpoint("RNAN_DN_RGB.pt")                  # configuration from the weights
+
+scale 1 builds the denoising form (also CAR and demosaicking): out = x + tail(body(head(x))).
+scale 2, 3, 4 (or any power of two) builds the SR form: mean shifts, a long feature skip and a
+sub-pixel upsampler in the tail.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rnan_fast.modules import DIV2K_RGB_MEAN, MeanShift, ResGroup, Upsampler, default_conv
+from rnan_fast.reference import SOFTMAX_OVER
+
+__all__ = ["RNAN", "CheckpointError", "make_model"]
+
+_DEFAULTS = {"n_colors": 3, "scale": 1, "n_feats": 64, "n_resgroups": 10, "rgb_range": 255,
+             "softmax_over": "query"}
+# Keys under which training scripts nest a state dict, tried in this order.
+_WRAPPER_KEYS = ("state_dict", "model", "params")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or whose weights do not fit an RNAN.
+
+    For weights that do not fit, the complete lists (the message shows the first 20 of each):
+    `missing` and `unexpected` (key names) and `misshaped` ((name, checkpoint shape, model shape)).
+    """
+
+    def __init__(self, message: str, missing=(), unexpected=(), misshaped=()):
+        super().__init__(message)
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.misshaped = list(misshaped)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_config(n_colors, scale, n_feats, n_resgroups, rgb_range, softmax_over) -> None:
+    if not _is_int(n_colors) or n_colors < 1:
+        raise ValueError(f"RNAN: n_colors must be a positive int, got {n_colors!r}")
+    if not _is_int(n_feats) or n_feats < 2 or n_feats % 2:
+        raise ValueError(f"RNAN: n_feats must be an even int >= 2 (the non-local block uses n_feats / 2 "
+                         f"channels), got {n_feats!r}")
+    if not _is_int(n_resgroups) or n_resgroups < 2:
+        raise ValueError(f"RNAN: n_resgroups must be an int >= 2 (two non-local groups plus "
+                         f"n_resgroups - 2 local ones), got {n_resgroups!r}")
+    if not _is_int(scale) or scale < 1 or (scale != 3 and scale & (scale - 1)):
+        raise ValueError(f"RNAN: scale must be 1 (denoising, CAR, demosaicking), 2, 3, 4 or another "
+                         f"power of two (super-resolution), got {scale!r}")
+    if scale > 1 and n_colors != 3:
+        raise ValueError(f"RNAN: the super-resolution form (scale {scale}) needs n_colors=3: its mean "
+                         f"shifts are RGB, as in the official code; got n_colors={n_colors}")
+    if isinstance(rgb_range, bool) or not isinstance(rgb_range, (int, float)) or not rgb_range > 0:
+        raise ValueError(f"RNAN: rgb_range must be a positive number, got {rgb_range!r}")
+    if softmax_over not in SOFTMAX_OVER:
+        raise ValueError(f"RNAN: softmax_over must be 'query' (the official model) or 'key', got {softmax_over!r}")
+
+
+def _from_args(args: Any) -> dict:
+    """The configuration fields of an official-style namespace (or a mapping); absent ones are left out."""
+    get = args.get if isinstance(args, Mapping) else (lambda k, d=None: getattr(args, k, d))
+    out = {}
+    for key in _DEFAULTS:
+        value = get(key, None)
+        if value is not None:
+            out[key] = value
+    scale = out.get("scale")
+    if isinstance(scale, (list, tuple)):
+        if not scale:
+            raise ValueError("RNAN: args.scale is an empty list")
+        out["scale"] = scale[0]  # the official model builds for the first scale
+    elif isinstance(scale, str):  # unparsed option string, e.g. "2" or "2+3"
+        out["scale"] = int(scale.split("+")[0])
+    return out
+
+
+class RNAN(nn.Module):
+    """Residual Non-local Attention Network (Zhang et al., ICLR 2019).
+
+    Forward: x (B, n_colors, H, W) -> (B, n_colors, scale*H, scale*W), any H, W >= 1, values in
+    [0, rgb_range] as the official models were trained.
+
+    Construction, either
+        RNAN(n_colors=3, scale=1, n_feats=64, n_resgroups=10, rgb_range=255, softmax_over="query")
+    or RNAN(args) with an official-style namespace (or mapping): n_colors, scale (int or a list,
+    whose first entry is used), n_feats, n_resgroups, rgb_range and optionally softmax_over; other
+    fields (n_resblocks, reduction, res_scale, ...) are ignored, as the official model ignores
+    them. Keywords given beside `args` override it.
+
+    softmax_over: "query" normalises the non-local attention over queries (softmax dim=1, as the
+    official checkpoints were trained), "key" is ordinary attention.
+
+    Attributes: `config` (dict of the six settings above), `task` ("denoise" or "sr").
+    Submodules: [sub_mean, add_mean (SR only)], head, body_nl_low, body, body_nl_high, tail,
+    parameter names and shapes as in the official code.
+    """
+
+    CheckpointError = CheckpointError
+
+    def __init__(self, args: Any = None, *, n_colors: int | None = None, scale: int | None = None,
+                 n_feats: int | None = None, n_resgroups: int | None = None,
+                 rgb_range: float | None = None, softmax_over: str | None = None):
+        super().__init__()
+        config = dict(_DEFAULTS)
+        if args is not None:
+            if isinstance(args, (int, float, str, bool)):
+                raise TypeError(f"RNAN: the positional argument is an official-style namespace or a "
+                                f"mapping; pass settings as keywords (got {args!r})")
+            config.update(_from_args(args))
+        given = {"n_colors": n_colors, "scale": scale, "n_feats": n_feats, "n_resgroups": n_resgroups,
+                 "rgb_range": rgb_range, "softmax_over": softmax_over}
+        config.update({k: v for k, v in given.items() if v is not None})
+        if isinstance(config["scale"], (list, tuple)):
+            config.update(_from_args({"scale": config["scale"]}))
+        _check_config(**config)
+        self.config = config
+        self.n_colors = n_colors = config["n_colors"]
+        self.scale = scale = config["scale"]
+        self.n_feats = n_feats = config["n_feats"]
+        self.n_resgroups = n_resgroups = config["n_resgroups"]
+        self.rgb_range = rgb_range = config["rgb_range"]
+        self.softmax_over = softmax_over = config["softmax_over"]
+        self.task = "sr" if scale > 1 else "denoise"
+
+        # Registration order follows the official code, so state_dict() lists keys in its order.
+        if self.task == "sr":
+            self.sub_mean = MeanShift(rgb_range, sign=-1)
+            self.add_mean = MeanShift(rgb_range, sign=1)
+        self.head = nn.Sequential(default_conv(n_colors, n_feats, 3))
+        self.body_nl_low = nn.Sequential(ResGroup(n_feats, 3, non_local=True, softmax_over=softmax_over))
+        self.body = nn.Sequential(*[ResGroup(n_feats, 3) for _ in range(n_resgroups - 2)],
+                                  default_conv(n_feats, n_feats, 3))
+        self.body_nl_high = nn.Sequential(ResGroup(n_feats, 3, non_local=True, softmax_over=softmax_over))
+        tail: list[nn.Module] = [default_conv(n_feats, n_colors, 3)]
+        if self.task == "sr":
+            tail.insert(0, Upsampler(scale, n_feats))
+        self.tail = nn.Sequential(*tail)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, n_colors, H, W) -> (B, n_colors, scale*H, scale*W)."""
+        if x.dim() != 4 or x.shape[1] != self.n_colors:
+            raise ValueError(f"RNAN: input must be (B, {self.n_colors}, H, W), got shape {tuple(x.shape)}")
+        if self.task == "sr":
+            x = self.sub_mean(x)
+        feats = self.head(x)
+        res = self.body_nl_high(self.body(self.body_nl_low(feats)))
+        if self.task == "sr":
+            return self.add_mean(self.tail(res + feats))
+        return x + self.tail(res)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @classmethod
+    def from_checkpoint(cls, path_or_state_dict: str | os.PathLike | Mapping, map_location: Any = "cpu",
+                        softmax_over: str = "query", *, weights_only: bool = True,
+                        n_colors: int | None = None, scale: int | None = None, n_feats: int | None = None,
+                        n_resgroups: int | None = None, rgb_range: float | None = None) -> "RNAN":
+        """Build an RNAN whose configuration is read off an official-format state dict, and load it.
+
+        path_or_state_dict: a file saved with torch.save, or an in-memory dict. A state dict
+            nested under "state_dict", "model" or "params" is unwrapped, and a "module."
+            (DataParallel) prefix is stripped.
+        map_location: passed to torch.load; a device (str or torch.device) also places the model.
+        softmax_over: "query" (official) or "key" for the non-local attention.
+        weights_only: torch.load's safe mode (tensors and plain containers only). Pass False only
+            for a file you trust that also pickles other Python objects.
+        n_colors, scale, n_feats, n_resgroups: inferred when None; a value given here is what
+            the weights must fit (a checkpoint for another configuration is then reported).
+        rgb_range: the input range; default: read off the SR mean shift, else 255.
+
+        Inferred: n_colors and n_feats from head.0.weight, n_resgroups from the number of
+        body.<i> groups (+ 2 non-local groups), scale from the tail upsampler. The result's
+        `config` holds them. Loading is strict; any missing, unexpected or mis-shaped key raises
+        CheckpointError (a ValueError) listing them all.
+        """
+        state_dict, source = read_checkpoint(path_or_state_dict, map_location, weights_only)
+        inferred = infer_config(state_dict, source)
+        given = {"n_colors": n_colors, "scale": scale, "n_feats": n_feats, "n_resgroups": n_resgroups,
+                 "rgb_range": rgb_range}
+        config = {**inferred, **{k: v for k, v in given.items() if v is not None}}
+        net = cls(**config, softmax_over=softmax_over)
+        hint = ""
+        if any(config[k] != inferred[k] for k in ("n_colors", "scale", "n_feats", "n_resgroups")):
+            hint = ("\n  (the weights look like RNAN(" + ", ".join(
+                f"{k}={inferred[k]}" for k in ("n_colors", "scale", "n_feats", "n_resgroups")) + "))")
+        net._load_checked(state_dict, source, hint)
+        if isinstance(map_location, (str, torch.device)):
+            net.to(map_location)
+        return net
+
+    def load_checkpoint(self, path_or_state_dict: str | os.PathLike | Mapping, map_location: Any = "cpu",
+                        *, weights_only: bool = True) -> "RNAN":
+        """Load an official-format checkpoint into this model, strictly; returns self.
+
+        Reads and unwraps like `from_checkpoint`; raises CheckpointError listing every missing,
+        unexpected and mis-shaped key when the weights do not fit this configuration.
+        """
+        state_dict, source = read_checkpoint(path_or_state_dict, map_location, weights_only)
+        self._load_checked(state_dict, source)
+        return self
+
+    def _load_checked(self, state_dict: Mapping[str, Tensor], source: str, hint: str = "") -> None:
+        report, missing, unexpected, misshaped = _compare(self.state_dict(), state_dict)
+        if report:
+            raise CheckpointError(f"{source}: the weights do not fit {self._describe()}:\n{report}{hint}",
+                                  missing, unexpected, misshaped)
+        self.load_state_dict(state_dict, strict=True)
+
+    def _describe(self) -> str:
+        c = self.config
+        return (f"RNAN(n_colors={c['n_colors']}, scale={c['scale']}, n_feats={c['n_feats']}, "
+                f"n_resgroups={c['n_resgroups']})")
+
+
+def make_model(args: Any, parent: bool = False) -> RNAN:
+    """The official entry point `model.rnan.make_model(args)`."""
+    return RNAN(args)
+
+
+# ---------------------------------------------------------------------- checkpoint helpers
+
+def read_checkpoint(path_or_state_dict: str | os.PathLike | Mapping, map_location: Any = "cpu",
+                    weights_only: bool = True) -> tuple[dict, str]:
+    """(flat state dict, a name for messages) from a checkpoint file or an in-memory dict."""
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        source = os.fspath(path_or_state_dict)
+        obj = _load_file(source, map_location, weights_only)
+    elif isinstance(path_or_state_dict, Mapping):
+        source, obj = "state dict", path_or_state_dict
+    else:
+        raise TypeError(f"RNAN: expected a checkpoint path or a state dict, got {type(path_or_state_dict).__name__}")
+    return _unwrap(obj, source), source
+
+
+def _load_file(path: str, map_location: Any, weights_only: bool) -> Any:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(2, "checkpoint file not found", path)
+    if p.is_dir():
+        raise IsADirectoryError(21, "checkpoint path is a directory, not a file", path)
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the checkpoint file is empty")
+    try:
+        return torch.load(p, map_location=map_location, weights_only=weights_only)
+    except Exception as e:  # torch.load fails on bad bytes with many types: report them all as one
+        detail = _error_detail(e)
+        if weights_only and "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path}: the file pickles Python objects besides tensors, which a weights-only load "
+                f"refuses; if you trust the file, pass weights_only=False ({detail})") from e
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint, or a truncated or damaged one "
+                              f"({type(e).__name__}: {detail})") from e
+
+
+def _error_detail(e: BaseException) -> str:
+    """The telling line of a torch.load error (its weights-only errors bury it mid-text)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip()
+    return _first_line(text) or type(e).__name__
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _unwrap(obj: Any, source: str) -> dict:
+    """The flat {name: tensor} dict inside a checkpoint."""
+    for _ in range(4):
+        if isinstance(obj, nn.Module):
+            obj = obj.state_dict()
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(f"{source}: expected a state dict (a mapping of names to tensors), "
+                                  f"found {type(obj).__name__}")
+        if any(isinstance(v, Tensor) for v in obj.values()):
+            break
+        inner = next((k for k in _WRAPPER_KEYS if k in obj), None)
+        if inner is None:
+            keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
+            raise CheckpointError(f"{source}: no tensors found, and none of the keys "
+                                  f"{', '.join(map(repr, _WRAPPER_KEYS))} holds a state dict (keys: {keys})")
+        obj = obj[inner]
+    state_dict = {}
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, Tensor):
+            continue  # bookkeeping beside the weights (an epoch counter, ...) is not a parameter
+        state_dict[k] = v
+    if not state_dict:
+        raise CheckpointError(f"{source}: the state dict holds no tensors")
+    if all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def infer_config(state_dict: Mapping[str, Tensor], source: str = "state dict") -> dict:
+    """n_colors, scale, n_feats, n_resgroups and rgb_range of an official-format RNAN state dict."""
+    head = state_dict.get("head.0.weight")
+    if head is None or head.dim() != 4:
+        some = ", ".join(list(state_dict)[:5])
+        raise CheckpointError(f"{source}: no 4-d 'head.0.weight', so not an RNAN state dict "
+                              f"(first keys: {some}{', ...' if len(state_dict) > 5 else ''})")
+    n_feats, n_colors = int(head.shape[0]), int(head.shape[1])
+    groups = {int(m.group(1)) for k in state_dict if (m := re.match(r"body\.(\d+)\.body\.", k))}
+    n_resgroups = len(groups) + 2
+
+    stages = []
+    i = 0
+    while f"tail.0.{i}.weight" in state_dict:
+        stages.append(int(state_dict[f"tail.0.{i}.weight"].shape[0]))
+        i += 2
+    if not stages:
+        if "tail.0.weight" not in state_dict:
+            raise CheckpointError(f"{source}: neither 'tail.0.weight' (denoising form) nor "
+                                  f"'tail.0.0.weight' (super-resolution form) is present")
+        scale = 1
+    elif stages == [9 * n_feats]:
+        scale = 3
+    elif all(s == 4 * n_feats for s in stages):
+        scale = 2 ** len(stages)
+    else:
+        raise CheckpointError(f"{source}: upsampler convs with {stages} output channels fit no scale "
+                              f"for n_feats={n_feats} (expected 4*n_feats per x2 stage or 9*n_feats for x3)")
+
+    rgb_range: float = 255
+    bias = state_dict.get("sub_mean.bias")
+    if bias is not None and bias.numel() == 3 and bias.device.type != "meta":
+        estimate = float(-bias.detach().double()[0]) / DIV2K_RGB_MEAN[0]
+        if estimate > 0:
+            rounded = round(estimate)
+            rgb_range = rounded if abs(estimate - rounded) < 1e-3 * max(1.0, estimate) else estimate
+    return {"n_colors": n_colors, "scale": scale, "n_feats": n_feats, "n_resgroups": n_resgroups,
+            "rgb_range": rgb_range}
+
+
+def _compare(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], limit: int = 20):
+    """(report, missing, unexpected, misshaped); the report is "" when the state dicts fit."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    misshaped = [(k, tuple(given[k].shape), tuple(expected[k].shape))
+                 for k in expected if k in given and given[k].shape != expected[k].shape]
+    lines = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("mis-shaped keys", [f"{k}: checkpoint {c}, model {m}" for k, c, m in misshaped])):
+        if items:
+            lines.append(f"  {len(items)} {title}:")
+            lines += [f"    {item}" for item in items[:limit]]
+            if len(items) > limit:
+                lines.append(f"    ... and {len(items) - limit} more (the error's .{title.split()[0].replace('-', '')} "
+                             f"attribute lists them all)")
+    return "\n".join(lines), missing, unexpected, misshaped
