@@ -1,17 +1,170 @@
-// Placeholder until the fused kernels land: schema and a plain CPU kernel.
+// rnan_fast._C: the op schemas (TORCH_LIBRARY) and the CPU kernels of the fused gate
+//   gated_residual_fwd: out = x + s * trunk,                      s = sigmoid(mask_logits)
+//   gated_residual_bwd: (grad_mask_logits, grad_trunk) = (g * trunk * s * (1 - s), g * s)
+// (grad_x is the incoming gradient itself and is not produced here). One pass over memory each.
+// Math in float32 for float32/float16/bfloat16 and in float64 for float64. Layout handling and
+// argument checks: gated_residual.h. The CUDA kernels live in cuda/gated_residual.cu.
 #include <torch/extension.h>
+#include <torch/library.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+
+#include "gated_residual.h"
+
+// Runtime dispatch for the CPU loops: GCC compiles each annotated function for a baseline, an
+// AVX2+FMA and an AVX-512 target and picks one at load time, so the wheel runs on any x86-64
+// and the loops below vectorise on the machines that have the wider units.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define RNAN_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define RNAN_CPU_CLONES
+#endif
+#if defined(__GNUC__)
+#define RNAN_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define RNAN_ALWAYS_INLINE inline
+#endif
 
 namespace rnan_fast {
+namespace {
 
-at::Tensor gated_residual_fwd_cpu(const at::Tensor& x, const at::Tensor& m, const at::Tensor& t) {
-  return x + at::sigmoid(m) * t;
+// sigmoid(v) = 1 / (1 + exp(-v)) in float32 with an exp written in plain arithmetic (range
+// reduction by ln 2 and a degree-5 polynomial, about 2 ulp), so that the loops calling it
+// vectorise; std::exp would be a scalar library call per element. The argument of exp is
+// clamped to [-87, 88] (the result stays a normal float; sigmoid is 0 or 1 to float precision
+// beyond), and NaN is passed through.
+RNAN_ALWAYS_INLINE float sigmoid_f32(float v) {
+  float a = -v;
+  const bool nan = !(a == a);
+  a = nan ? 0.0f : a;
+  a = a < -87.0f ? -87.0f : a;
+  a = a > 88.0f ? 88.0f : a;
+  // k = round(a / ln 2) by the 1.5 * 2^23 trick; r = a - k ln 2 in two parts (Cody-Waite).
+  const float k = (a * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = a - k * 0.693359375f;
+  r = r + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float er = p * r * r + r + 1.0f;
+  const float scale = std::bit_cast<float>((static_cast<int32_t>(k) + 127) << 23);  // 2^k, k in [-126, 127]
+  const float s = 1.0f / (1.0f + er * scale);
+  return nan ? v : s;
 }
 
-std::tuple<at::Tensor, at::Tensor> gated_residual_bwd_cpu(const at::Tensor& g, const at::Tensor& m, const at::Tensor& t) {
-  auto s = at::sigmoid(m);
-  auto gt = g * s;
-  return {gt * t * (1 - s), gt};
+RNAN_ALWAYS_INLINE float sigmoid_acc(float v) { return sigmoid_f32(v); }
+RNAN_ALWAYS_INLINE double sigmoid_acc(double v) { return 1.0 / (1.0 + std::exp(-v)); }
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+RNAN_ALWAYS_INLINE void fwd_loop(const T* __restrict x, const T* __restrict m, const T* __restrict t,
+                                 T* __restrict out, int64_t n) {
+  using A = acc_t<T>;
+  for (int64_t i = 0; i < n; ++i) {
+    const A s = sigmoid_acc(static_cast<A>(m[i]));
+    out[i] = static_cast<T>(static_cast<A>(x[i]) + s * static_cast<A>(t[i]));
+  }
 }
+
+template <typename T>
+RNAN_ALWAYS_INLINE void bwd_loop(const T* __restrict g, const T* __restrict m, const T* __restrict t,
+                                 T* __restrict gm, T* __restrict gt, int64_t n) {
+  using A = acc_t<T>;
+  for (int64_t i = 0; i < n; ++i) {
+    const A s = sigmoid_acc(static_cast<A>(m[i]));
+    const A gs = static_cast<A>(g[i]) * s;
+    gt[i] = static_cast<T>(gs);
+    gm[i] = static_cast<T>(gs * static_cast<A>(t[i]) * (A(1) - s));
+  }
+}
+
+// One non-template entry per dtype: target_clones wants plain functions.
+#define RNAN_CPU_ENTRIES(T, NAME)                                                                    \
+  RNAN_CPU_CLONES void fwd_##NAME(const T* x, const T* m, const T* t, T* out, int64_t n) {          \
+    fwd_loop<T>(x, m, t, out, n);                                                                    \
+  }                                                                                                  \
+  RNAN_CPU_CLONES void bwd_##NAME(const T* g, const T* m, const T* t, T* gm, T* gt, int64_t n) {    \
+    bwd_loop<T>(g, m, t, gm, gt, n);                                                                 \
+  }
+RNAN_CPU_ENTRIES(float, f32)
+RNAN_CPU_ENTRIES(at::Half, f16)
+RNAN_CPU_ENTRIES(at::BFloat16, bf16)
+#undef RNAN_CPU_ENTRIES
+
+// float64 is for gradcheck and tests: scalar exp, no clones.
+void fwd_f64(const double* x, const double* m, const double* t, double* out, int64_t n) { fwd_loop(x, m, t, out, n); }
+void bwd_f64(const double* g, const double* m, const double* t, double* gm, double* gt, int64_t n) {
+  bwd_loop(g, m, t, gm, gt, n);
+}
+
+void fwd_flat(const float* x, const float* m, const float* t, float* o, int64_t n) { fwd_f32(x, m, t, o, n); }
+void fwd_flat(const at::Half* x, const at::Half* m, const at::Half* t, at::Half* o, int64_t n) { fwd_f16(x, m, t, o, n); }
+void fwd_flat(const at::BFloat16* x, const at::BFloat16* m, const at::BFloat16* t, at::BFloat16* o, int64_t n) {
+  fwd_bf16(x, m, t, o, n);
+}
+void fwd_flat(const double* x, const double* m, const double* t, double* o, int64_t n) { fwd_f64(x, m, t, o, n); }
+void bwd_flat(const float* g, const float* m, const float* t, float* gm, float* gt, int64_t n) { bwd_f32(g, m, t, gm, gt, n); }
+void bwd_flat(const at::Half* g, const at::Half* m, const at::Half* t, at::Half* gm, at::Half* gt, int64_t n) {
+  bwd_f16(g, m, t, gm, gt, n);
+}
+void bwd_flat(const at::BFloat16* g, const at::BFloat16* m, const at::BFloat16* t, at::BFloat16* gm, at::BFloat16* gt,
+              int64_t n) {
+  bwd_bf16(g, m, t, gm, gt, n);
+}
+void bwd_flat(const double* g, const double* m, const double* t, double* gm, double* gt, int64_t n) {
+  bwd_f64(g, m, t, gm, gt, n);
+}
+
+// Elements per parallel task: enough to amortise the thread hand-off, small enough to split
+// one feature map (64 x 48 x 48 = 147456 elements) over a few cores.
+constexpr int64_t kGrain = 16384;
+
+at::Tensor gated_residual_fwd_cpu(const at::Tensor& x, const at::Tensor& mask_logits, const at::Tensor& trunk) {
+  return gated::forward("rnan_fast::gated_residual_fwd", x, mask_logits, trunk,
+                        [](const at::Tensor& x, const at::Tensor& m, const at::Tensor& t, at::Tensor& out, int64_t n) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "gated_residual_fwd_cpu", [&] {
+      // data_ptr of a strided tensor points at its first element in storage order here: every
+      // tensor is dense with out's strides, so [0, n) covers exactly its elements.
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* mp = m.const_data_ptr<scalar_t>();
+      const scalar_t* tp = t.const_data_ptr<scalar_t>();
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+        fwd_flat(xp + begin, mp + begin, tp + begin, op + begin, end - begin);
+      });
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_residual_bwd_cpu(const at::Tensor& grad, const at::Tensor& mask_logits,
+                                                          const at::Tensor& trunk) {
+  return gated::backward("rnan_fast::gated_residual_bwd", grad, mask_logits, trunk,
+                         [](const at::Tensor& g, const at::Tensor& m, const at::Tensor& t, at::Tensor& gm, at::Tensor& gt,
+                            int64_t n) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gm.scalar_type(), "gated_residual_bwd_cpu", [&] {
+      const scalar_t* gp = g.const_data_ptr<scalar_t>();
+      const scalar_t* mp = m.const_data_ptr<scalar_t>();
+      const scalar_t* tp = t.const_data_ptr<scalar_t>();
+      scalar_t* gmp = gm.mutable_data_ptr<scalar_t>();
+      scalar_t* gtp = gt.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+        bwd_flat(gp + begin, mp + begin, tp + begin, gmp + begin, gtp + begin, end - begin);
+      });
+    });
+  });
+}
+
+}  // namespace
 
 bool cuda_compiled() {
 #ifdef RNAN_FAST_WITH_CUDA
@@ -22,6 +175,10 @@ bool cuda_compiled() {
 }
 
 TORCH_LIBRARY(rnan_fast, m) {
+  // Fakes (for torch.compile) and the autograd formula of these ops are registered in Python,
+  // in this module. Ops defined later with their fakes elsewhere belong in a
+  // TORCH_LIBRARY_FRAGMENT(rnan_fast, ...) block with its own set_python_module.
+  m.set_python_module("rnan_fast.ops.gated_residual");
   m.def("gated_residual_fwd(Tensor x, Tensor mask_logits, Tensor trunk) -> Tensor");
   m.def("gated_residual_bwd(Tensor grad, Tensor mask_logits, Tensor trunk) -> (Tensor, Tensor)");
 }
