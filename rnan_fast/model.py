@@ -10,6 +10,7 @@ sub-pixel upsampler in the tail.
 """
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from collections.abc import Mapping
@@ -125,6 +126,9 @@ class RNAN(nn.Module):
         config.update({k: v for k, v in given.items() if v is not None})
         if isinstance(config["scale"], (list, tuple)):
             config.update(_from_args({"scale": config["scale"]}))
+        for key in ("n_colors", "scale", "n_feats", "n_resgroups"):  # numpy / tensor ints -> int
+            if isinstance(config[key], numbers.Integral) and not isinstance(config[key], bool):
+                config[key] = int(config[key])
         _check_config(**config)
         self.config = config
         self.n_colors = n_colors = config["n_colors"]

@@ -51,6 +51,10 @@ def test_fixture_configurations_are_inferred(fixtures_dir):
         assert {k: net.config[k] for k in expected} == expected, path.name
         assert net.config["softmax_over"] == "query"
         _assert_loaded(net, data["state_dict"])
+        # The fixture file itself: its weights sit under "state_dict" beside other entries.
+        from_file = RNAN.from_checkpoint(path)
+        assert from_file.config == net.config
+        _assert_loaded(from_file, data["state_dict"])
 
 
 @pytest.mark.parametrize("cfg", [
