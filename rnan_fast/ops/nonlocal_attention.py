@@ -3,6 +3,14 @@
 Math: ../reference.py (module docstring). Kernels: "reference" (blocked PyTorch, any device)
 and "triton" (rnan_fast.kernels.nonlocal_attention: CUDA tensors, or CPU tensors under
 TRITON_INTERPRET=1).
+
+The op's second output ("lse", non-differentiable, only consumed by the same backend's backward)
+is the softmax normaliser: (B, N) natural-log LSE for "reference"; for "triton" the split
+statistics (2, B, N) fp32 = (max score, log2 of the shifted sum), see the kernel module's docstring
+(`rnan_fast.kernels.nonlocal_attention.lse_natural` converts). Per query for "key", per key for
+"query".
+The Triton kernel takes head dims 16, 32, 64 and fp32 / fp16 / bf16; backend="triton" raises a
+ValueError / TypeError for anything else, while "auto" falls back to the reference there.
 """
 from __future__ import annotations
 
@@ -12,14 +20,19 @@ from torch import Tensor
 from rnan_fast import _backend, _ext, reference
 
 
-def _triton_why_not(t: Tensor, explicit: bool) -> str:
+def _triton_why_not(theta: Tensor, phi: Tensor, g: Tensor, explicit: bool) -> str:
     if not _ext.TRITON:
         return f"Triton is unavailable ({_ext.TRITON_ERROR})"
-    if t.is_cuda:
-        return ""
-    if explicit and t.device.type == "cpu" and _ext.triton_interpret():
-        return ""
-    return f"the Triton kernel runs on CUDA tensors (got {t.device}; TRITON_INTERPRET=1 runs it on the CPU for tests)"
+    if not (theta.is_cuda or (explicit and theta.device.type == "cpu" and _ext.triton_interpret())):
+        return (f"the Triton kernel runs on CUDA tensors (got {theta.device}; TRITON_INTERPRET=1 runs it "
+                "on the CPU for tests)")
+    if not explicit:
+        # "auto" takes the reference for shapes/dtypes the kernel lacks; an explicit request
+        # gets the kernel's own ValueError/TypeError instead (see nonlocal_attention).
+        from rnan_fast.kernels import nonlocal_attention as kernel
+
+        return kernel.unsupported_reason(theta, phi, g)
+    return ""
 
 
 def _lse_dtype(g: Tensor) -> torch.dtype:
@@ -39,6 +52,8 @@ def _forward(theta: Tensor, phi: Tensor, g: Tensor, softmax_over: str, backend: 
 @_forward.register_fake
 def _(theta, phi, g, softmax_over, backend):
     B, N, _ = theta.shape
+    if backend == "triton":
+        return g.new_empty(B, N, g.shape[-1]), g.new_empty(2, B, N, dtype=torch.float32)
     return g.new_empty(B, N, g.shape[-1]), g.new_empty(B, N, dtype=_lse_dtype(g))
 
 
@@ -103,5 +118,9 @@ def nonlocal_attention(theta: Tensor, phi: Tensor, g: Tensor, softmax_over: str 
     _check_inputs(theta, phi, g)
     reference.check_softmax_over(softmax_over)
     kernel = _backend.resolve("nonlocal_attention", backend, "triton",
-                              lambda explicit: _triton_why_not(theta, explicit))
+                              lambda explicit: _triton_why_not(theta, phi, g, explicit))
+    if kernel == "triton":
+        from rnan_fast.kernels import nonlocal_attention as triton_kernel
+
+        triton_kernel.check_inputs(theta, phi, g, softmax_over)   # head dim / dtype: clear errors
     return _forward(theta, phi, g, softmax_over, kernel)[0]

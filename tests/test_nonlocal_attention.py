@@ -1,0 +1,445 @@
+"""Non-local attention: blocked reference, registered op, Triton kernel (interpreter on CPU, GPU when present).
+
+Ground truth is always `nonlocal_attention_naive` in float64. Low-precision results follow the
+tolerance rule: error vs float64 <= 2 x (PyTorch's own error computing the naive formula in that
+dtype) + a small floor relative to the result's magnitude.
+"""
+import random
+
+import pytest
+import torch
+
+import rnan_fast
+from rnan_fast import _ext, reference
+from rnan_fast.ops import nonlocal_attention
+
+op = torch.ops.rnan_fast.nonlocal_attention
+MODES = ("query", "key")
+CUDA = torch.cuda.is_available()
+TRITON_HERE = _ext.TRITON and (CUDA or _ext.triton_interpret())
+needs_triton = pytest.mark.skipif(not TRITON_HERE, reason="needs Triton with CUDA, or TRITON_INTERPRET=1 "
+                                  "(tests/conftest.py sets it on CPU-only machines)")
+needs_cuda = pytest.mark.skipif(not (CUDA and _ext.TRITON), reason="needs a CUDA GPU and Triton")
+DEV = "cuda" if CUDA else "cpu"
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------
+def make_inputs(B, N, d, dv, *, scale="unit", dtype=torch.float32, device="cpu", seed=0, layout="contiguous",
+                max_score=1e4):
+    """theta, phi (B, N, d), g (B, N, dv). scale="image": 1x1-conv-like projections of 0..255 pixels,
+    rescaled so that max |S| = max_score (unscaled scores of real images reach ~1e4)."""
+    gen = torch.Generator().manual_seed(seed)
+    if scale == "unit":
+        th, ph, g = (torch.randn(B, N, k, generator=gen, dtype=torch.float64) for k in (d, d, dv))
+    else:
+        C = 2 * max(d, dv)
+        x = torch.rand(B, N, C, generator=gen, dtype=torch.float64) * 255
+        th, ph, g = (x @ (torch.randn(C, k, generator=gen, dtype=torch.float64) / C) for k in (d, d, dv))
+        f = (max_score / (th @ ph.transpose(1, 2)).abs().max()).sqrt()
+        th, ph = th * f, ph * f
+    out = []
+    for t in (th, ph, g):
+        t = t.to(dtype)
+        if layout == "permuted":      # (B, k, N) storage seen as (B, N, k): stride 1 along N
+            t = t.transpose(1, 2).contiguous().transpose(1, 2)
+        elif layout == "batch_inner":  # (N, B, k) storage: batch stride k, row stride B*k
+            t = t.transpose(0, 1).contiguous().transpose(0, 1)
+        elif layout == "sliced":       # every other feature of a wider tensor
+            w = torch.zeros(*t.shape[:2], 2 * t.shape[2], dtype=dtype)
+            w[..., ::2] = t
+            t = w[..., ::2]
+        out.append(t.to(device))
+    return out
+
+
+def naive_with_grads(th, ph, g, mode, dout, dtype=torch.float64):
+    xs = [t.detach().to(dtype).requires_grad_() for t in (th, ph, g)]
+    y = reference.nonlocal_attention_naive(*xs, mode)
+    y.backward(dout.to(dtype))
+    return y.detach(), [x.grad for x in xs]
+
+
+def assert_close_rule(ours, ref64, lowp, name, floor, scale=None):
+    """|ours - ref| <= 2 |lowp - ref| + floor * scale (max norms); scale defaults to max |ref|.
+
+    For gradients the tests pass the natural scale of the terms summed (`grad_scale`): with
+    1e4-sized scores most softmaxes saturate, the true gradients are then far smaller than the
+    terms P dP theta they are summed from, and any fp32 computation (PyTorch's included) carries
+    rounding noise of size eps * |S| * |dP| * |theta| regardless of how small the true value is.
+    """
+    ours, ref64, lowp = ours.detach().double().cpu(), ref64.detach().double().cpu(), lowp.detach().double().cpu()
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    err = (ours - ref64).abs().max().item()
+    base = (lowp - ref64).abs().max().item()
+    if not torch.isfinite(torch.tensor(base)):
+        base = 0.0   # PyTorch's own low-precision result overflowed: the floor alone bounds ours
+    scale = ref64.abs().max().item() if scale is None else scale
+    bound = 2 * base + floor * scale + 1e-12
+    assert err <= bound, (f"{name}: error {err:.3e} > bound {bound:.3e} (PyTorch's own error {base:.3e}, "
+                          f"scale {scale:.3e}, error/scale {err / max(scale, 1e-300):.2e})")
+
+
+def grad_scales(th, ph, g, dout):
+    """Natural magnitudes of (dtheta, dphi, dg): max |dY g^T| * max |phi| (resp. |theta|), max |dY|."""
+    th, ph, g, dout = (t.detach().double().cpu() for t in (th, ph, g, dout))
+    dp = (dout @ g.transpose(1, 2)).abs().max().item()
+    return dp * ph.abs().max().item(), dp * th.abs().max().item(), dout.abs().max().item() * g.abs().max().item()
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference: blocked (memory-bounded) == exact naive, in float64
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("seed", range(3))
+def test_blocked_reference_equals_naive(mode, seed):
+    rng = random.Random(100 + seed)
+    B, N, d, dv = rng.randint(1, 3), rng.choice([1, 7, 33, 61]) + rng.randint(0, 20), rng.choice([4, 16]), rng.choice([3, 8])
+    block = rng.randint(1, 9)
+    th, ph, g = make_inputs(B, N, d, dv, dtype=torch.float64, seed=seed, scale=rng.choice(["unit", "image"]))
+    dout = torch.randn(B, N, dv, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    out, lse = reference.nonlocal_attention_forward(th, ph, g, mode, block=block)
+    ref, grads = naive_with_grads(th, ph, g, mode, dout)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10 * ref.abs().max().item())
+    S = th @ ph.transpose(1, 2)
+    torch.testing.assert_close(lse, torch.logsumexp(S, dim=1 if mode == "query" else 2), rtol=1e-12, atol=1e-9)
+    ours = reference.nonlocal_attention_backward(dout, th, ph, g, lse, mode, block=block)
+    # With 1e4-sized scores most softmaxes saturate and the true gradients are tiny, so a
+    # float64 rounding of the LSE shows relative to the natural scale |dY g^T| |theta|, not to them.
+    nat = (dout @ g.transpose(1, 2)).abs().max().item() * max(th.abs().max().item(), ph.abs().max().item())
+    for name, a, b in zip(("dtheta", "dphi", "dg"), ours, grads):
+        err = (a - b).abs().max().item()
+        assert err <= 1e-12 * nat + 1e-10 * b.abs().max().item(), f"{name}: {err:.3e} (natural scale {nat:.3e})"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_op_reference_autograd(mode):
+    th, ph, g = (t.requires_grad_() for t in make_inputs(2, 37, 8, 5, dtype=torch.float64, seed=3))
+    dout = torch.randn(2, 37, 5, dtype=torch.float64)
+    y = nonlocal_attention(th, ph, g, softmax_over=mode, backend="reference")
+    y.backward(dout)
+    ref, grads = naive_with_grads(th, ph, g, mode, dout)
+    torch.testing.assert_close(y, ref)
+    for a, b in zip((th.grad, ph.grad, g.grad), grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_default_is_official_query_softmax():
+    th, ph, g = make_inputs(1, 20, 4, 4, dtype=torch.float64, seed=4)
+    y = nonlocal_attention(th, ph, g, backend="reference")
+    S = th @ ph.transpose(1, 2)
+    torch.testing.assert_close(y, torch.softmax(S, dim=1) @ g)
+
+
+def test_auto_backend_uses_reference_on_cpu():
+    th, ph, g = make_inputs(1, 20, 16, 16, seed=5)
+    y = nonlocal_attention(th, ph, g)          # "auto" never picks the interpreter
+    torch.testing.assert_close(y, reference.nonlocal_attention_naive(th, ph, g))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck_reference(mode):
+    th, ph, g = make_inputs(2, 9, 4, 3, seed=6)
+    torch.library.opcheck(op, (th.requires_grad_(), ph.requires_grad_(), g.requires_grad_(), mode, "reference"))
+
+
+def test_compile_fullgraph_no_graph_breaks():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+    def f(th, ph, g):
+        y = nonlocal_attention(th, ph, g, softmax_over="query", backend="reference")
+        return (y * y).sum() + nonlocal_attention(th, ph, g, softmax_over="key", backend="reference").sum()
+
+    th, ph, g = (t.requires_grad_() for t in make_inputs(2, 11, 4, 4, seed=7))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")   # raises on any graph break
+    loss = compiled(th, ph, g)
+    loss.backward()
+    grads = [t.grad.clone() for t in (th, ph, g)]
+    for t in (th, ph, g):
+        t.grad = None
+    f(th, ph, g).backward()
+    torch.testing.assert_close(loss, f(th, ph, g))
+    for a, t in zip(grads, (th, ph, g)):
+        torch.testing.assert_close(a, t.grad)
+
+
+def test_input_validation():
+    th, ph, g = make_inputs(1, 5, 4, 4)
+    with pytest.raises(ValueError, match="softmax_over"):
+        nonlocal_attention(th, ph, g, softmax_over="keys", backend="reference")
+    with pytest.raises(ValueError, match=r"\(B, N, d\)"):
+        nonlocal_attention(th[0], ph, g, backend="reference")
+    with pytest.raises(ValueError, match="one shape"):
+        nonlocal_attention(th, ph[:, :4], g, backend="reference")
+    with pytest.raises(ValueError, match="share"):
+        nonlocal_attention(th, ph, g[:, :3], backend="reference")
+    with pytest.raises(TypeError, match="dtypes differ"):
+        nonlocal_attention(th, ph.double(), g, backend="reference")
+    with pytest.raises(TypeError, match="floating"):
+        nonlocal_attention(th.long(), ph.long(), g.long(), backend="reference")
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        nonlocal_attention(th.numpy(), ph, g, backend="reference")
+    with pytest.raises(ValueError, match="unknown backend"):
+        nonlocal_attention(th, ph, g, backend="nope")
+
+
+@needs_triton
+def test_triton_rejects_unsupported_head_dim_and_dtype():
+    th, ph, g = make_inputs(1, 5, 48, 16, device=DEV)
+    with pytest.raises(ValueError, match=r"48 .*16, 32, 64"):
+        nonlocal_attention(th, ph, g, backend="triton")
+    th, ph, g = make_inputs(1, 5, 16, 24, device=DEV)
+    with pytest.raises(ValueError, match="value dim of g = 24"):
+        nonlocal_attention(th, ph, g, backend="triton")
+    th, ph, g = make_inputs(1, 5, 16, 16, dtype=torch.float64, device=DEV)
+    with pytest.raises(TypeError, match="float64"):
+        nonlocal_attention(th, ph, g, backend="triton")
+
+
+@pytest.mark.skipif(CUDA or not _ext.TRITON, reason="checks the CPU message (no CUDA here)")
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    th, ph, g = make_inputs(1, 5, 16, 16)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        nonlocal_attention(th, ph, g, backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernel (interpreter on CPU-only machines, the GPU otherwise)
+# ------------------------------------------------------------------------------------------------
+def _random_cases(n, seed):
+    rng = random.Random(seed)
+    cases = []
+    for i in range(n):
+        N = [1, 17, 45, 130][i % 4] if i < 4 else rng.randint(2, 140)
+        cases.append(dict(B=rng.randint(1, 3), N=N, d=rng.choice([16, 32, 64]), dv=rng.choice([16, 32, 64]),
+                          mode=MODES[i % 2], scale=rng.choice(["unit", "image"]),
+                          layout=rng.choice(["contiguous", "permuted", "batch_inner", "sliced"]), seed=seed + i))
+    return cases
+
+
+TRITON_CASES = _random_cases(10, 2024)
+
+
+def fp32_grad_floor(th, ph):
+    """Floor for fp32 gradients, relative to `grad_scales`: rounding a score S moves a saturated
+    weight by ~eps32 |S|, so the noise grows with the largest score (theoretical worst case
+    ~eps32 * max|S| = 6e-4 at |S| = 1e4; measured <= 5e-6 under the interpreter)."""
+    s_max = (th.detach().double().cpu() @ ph.detach().double().cpu().transpose(1, 2)).abs().max().item()
+    return 1e-7 + 4e-9 * s_max
+
+
+@needs_triton
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "{mode}-B{B}-N{N}-d{d}-dv{dv}-{scale}-{layout}".format(**c))
+def test_triton_fp32_matches_float64(case):
+    c = dict(case)
+    mode = c.pop("mode")
+    th, ph, g = make_inputs(c["B"], c["N"], c["d"], c["dv"], scale=c["scale"], layout=c["layout"], seed=c["seed"],
+                            device=DEV)
+    from rnan_fast.kernels import nonlocal_attention as kernel
+
+    with _highest():
+        out, stats = kernel.forward(th, ph, g, mode)
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(c["seed"])).to(DEV)
+        grads = kernel.backward(dout, th, ph, g, out, stats, mode, False)
+        ref, ref_grads = naive_with_grads(th, ph, g, mode, dout)
+        low, low_grads = naive_with_grads(th, ph, g, mode, dout, dtype=torch.float32)
+    assert_close_rule(out, ref, low, "out", 2e-5)
+    S = th.double() @ ph.double().transpose(1, 2)
+    lse = torch.logsumexp(S, dim=1 if mode == "query" else 2)
+    torch.testing.assert_close(kernel.lse_natural(stats).double(), lse, rtol=1e-5, atol=1e-3)
+    for name, a, b, l, sc in zip(("dtheta", "dphi", "dg"), grads, ref_grads, low_grads, grad_scales(th, ph, g, dout)):
+        assert_close_rule(a, b, l, name, fp32_grad_floor(th, ph), sc)
+
+
+class _highest:
+    """fp32 dots at full precision for the duration (and restore the previous setting)."""
+
+    def __enter__(self):
+        self.prev = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+
+    def __exit__(self, *exc):
+        torch.set_float32_matmul_precision(self.prev)
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_op_autograd_noncontiguous(mode):
+    th, ph, g = make_inputs(2, 50, 32, 16, layout="permuted", scale="image", seed=11, device=DEV)
+    xs = [t.detach().requires_grad_() for t in (th, ph, g)]
+    with _highest():
+        y = nonlocal_attention(*xs, softmax_over=mode, backend="triton")
+        dout = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEV)
+        y.backward(dout)
+        ref, ref_grads = naive_with_grads(th, ph, g, mode, dout)
+        low, low_grads = naive_with_grads(th, ph, g, mode, dout, dtype=torch.float32)
+    assert_close_rule(y, ref, low, "out", 2e-5)
+    for name, x, b, l, sc in zip(("dtheta", "dphi", "dg"), xs, ref_grads, low_grads, grad_scales(th, ph, g, dout)):
+        assert_close_rule(x.grad, b, l, name, fp32_grad_floor(th, ph), sc)
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_fp16(mode):
+    # fp16 inputs, fp32 scores: finite and accurate even with 1e4-sized scores.
+    th, ph, g = make_inputs(2, 70, 32, 32, scale="image", dtype=torch.float16, seed=12, device=DEV)
+    from rnan_fast.kernels import nonlocal_attention as kernel
+
+    out, stats = kernel.forward(th, ph, g, mode)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEV).half()
+    grads = kernel.backward(dout, th, ph, g, out, stats, mode, False)
+    ref, ref_grads = naive_with_grads(th, ph, g, mode, dout)
+    # PyTorch's fp16 computation (upcast on CPU where half matmul is missing or slow).
+    low, low_grads = naive_with_grads(th, ph, g, mode, dout, dtype=torch.float16 if CUDA else torch.float32)
+    if not CUDA:
+        low, low_grads = low.half(), [x.half() for x in low_grads]
+    assert out.dtype == torch.float16 and all(t.dtype == torch.float16 for t in grads)
+    assert_close_rule(out, ref, low, "out", 2e-3)
+    for name, a, b, l in zip(("dtheta", "dphi", "dg"), grads, ref_grads, low_grads):
+        assert_close_rule(a, b, l, name, 5e-3)
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_backward_is_deterministic(mode):
+    th, ph, g = make_inputs(1, 40, 16, 16, seed=13, device=DEV)
+    from rnan_fast.kernels import nonlocal_attention as kernel
+
+    out, stats = kernel.forward(th, ph, g, mode)
+    dout = torch.randn_like(out)
+    a = kernel.backward(dout, th, ph, g, out, stats, mode, True)
+    b = kernel.backward(dout, th, ph, g, out, stats, mode, True)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@needs_triton
+def test_triton_under_compile_fullgraph():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    th, ph, g = (t.requires_grad_() for t in make_inputs(1, 20, 16, 16, seed=14, device=DEV))
+
+    def f(a, b, c):
+        return nonlocal_attention(a, b, c, backend="triton").square().sum()
+
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(th, ph, g)
+    loss.backward()
+    ref, grads = naive_with_grads(th, ph, g, "query", 2 * reference.nonlocal_attention_naive(
+        th.detach().double(), ph.detach().double(), g.detach().double()))
+    torch.testing.assert_close(loss.double(), ref.square().sum(), rtol=1e-4, atol=1e-4)
+    for x, b in zip((th, ph, g), grads):
+        torch.testing.assert_close(x.grad.double(), b, rtol=1e-3, atol=1e-4 * b.abs().max().item())
+
+
+@needs_triton
+def test_triton_fake_matches_real_metadata():
+    th, ph, g = make_inputs(2, 9, 16, 32, seed=15, device=DEV)
+    torch.library.opcheck(op, (th, ph, g, "query", "triton"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only: low precision, large N, determinism, CUDA graphs
+# ------------------------------------------------------------------------------------------------
+@needs_cuda
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype,precision", [(torch.float16, "highest"), (torch.bfloat16, "highest"),
+                                             (torch.float32, "high"), (torch.float32, "highest")])
+@pytest.mark.parametrize("scale", ["unit", "image"])
+def test_gpu_dtypes_tolerance_rule(mode, dtype, precision, scale):
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        for B, N, d in ((2, 1000, 32), (1, 2305, 64), (3, 257, 16)):
+            th, ph, g = make_inputs(B, N, d, d, dtype=dtype, scale=scale, seed=N, device="cuda")
+            xs = [t.detach().requires_grad_() for t in (th, ph, g)]
+            y = nonlocal_attention(*xs, softmax_over=mode, backend="triton")
+            dout = torch.randn_like(y)
+            y.backward(dout)
+            ref, ref_grads = naive_with_grads(th, ph, g, mode, dout)
+            low, low_grads = naive_with_grads(th, ph, g, mode, dout, dtype=dtype)
+            floor = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+            assert_close_rule(y, ref, low, f"out {dtype} {precision} N={N}", floor)
+            for name, x, b, l in zip(("dtheta", "dphi", "dg"), xs, ref_grads, low_grads):
+                assert_close_rule(x.grad, b, l, f"{name} {dtype} {precision} N={N}", 2 * floor)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+def _chunked_reference_rows(th, ph, g, mode, rows, chunk=4096):
+    """out[:, rows] in float64 for large N without the N x N matrix (column LSE by chunks)."""
+    th, ph, g = th.double(), ph.double(), g.double()
+    if mode == "query":
+        lse = torch.cat([torch.logsumexp(th @ ph[:, s:s + chunk].transpose(1, 2), dim=1)
+                         for s in range(0, th.shape[1], chunk)], dim=1)            # (B, N) per key
+        return torch.exp(th[:, rows] @ ph.transpose(1, 2) - lse[:, None, :]) @ g
+    return torch.softmax(th[:, rows] @ ph.transpose(1, 2), dim=2) @ g
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_large_n_sampled_rows(mode, dtype):
+    N = 100_003
+    th, ph, g = make_inputs(1, N, 32, 32, dtype=dtype, scale="image", seed=21, device="cuda")
+    y = nonlocal_attention(th, ph, g, softmax_over=mode, backend="triton")
+    assert torch.isfinite(y).all()
+    rows = torch.randint(0, N, (256,), generator=torch.Generator().manual_seed(0)).cuda()
+    ref = _chunked_reference_rows(th, ph, g, mode, rows)
+    err = (y[:, rows].double() - ref).abs().max().item()
+    assert err <= {torch.float32: 1e-3, torch.bfloat16: 2e-2}[dtype] * ref.abs().max().item()
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_deterministic_bitwise(mode):
+    th, ph, g = make_inputs(4, 2304, 32, 32, dtype=torch.bfloat16, seed=22, device="cuda")
+    results = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            xs = [t.detach().requires_grad_() for t in (th, ph, g)]
+            y = nonlocal_attention(*xs, softmax_over=mode, backend="triton")
+            y.backward(torch.ones_like(y))
+            results.append([y.detach()] + [x.grad for x in xs])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_cuda_graph_replay(mode):
+    th, ph, g = make_inputs(2, 2304, 32, 32, dtype=torch.float16, seed=23, device="cuda")
+    dout = torch.randn(2, 2304, 32, device="cuda", dtype=torch.float16)
+    xs = [t.detach().requires_grad_() for t in (th, ph, g)]
+
+    def step():
+        for x in xs:
+            x.grad = None
+        y = nonlocal_attention(*xs, softmax_over=mode, backend="triton")
+        y.backward(dout)
+        return [y.detach()] + [x.grad for x in xs]
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):            # warm-up: compiles and autotunes outside the capture
+            eager = [t.clone() for t in step()]
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    for x in xs:
+        x.grad = None
+    with torch.cuda.graph(graph):
+        y = nonlocal_attention(*xs, softmax_over=mode, backend="triton")
+        y.backward(dout)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip([y] + [x.grad for x in xs], eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
