@@ -1,0 +1,317 @@
+"""rnan_fast.train: the training step (eager on the CPU, CUDA graph on a GPU) and its helpers.
+
+CPU tests use a tiny RNAN (n_feats 8, two non-local groups) on 16x16 patches, mostly in float64,
+where a step equals a hand-written forward / loss / backward / Adam update to ~1e-12.
+The CUDA-graph tests run only where CUDA is available.
+"""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import rnan_fast
+from rnan_fast.train import TrainStep, make_optimizer, make_train_step, train
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graph path: needs a CUDA device")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    """The tiny models here are all per-op overhead; with the CPU shared, a second intra-op
+    thread spin-waits and makes these tests ~10x slower. One thread, restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_rnan(scale=1, dtype=torch.float64, seed=0, n_resgroups=2):
+    """A tiny RNAN whose non-local output convs W are random (the official zero init would
+    make the attention invisible to the loss and its inputs' gradients zero)."""
+    torch.manual_seed(seed)
+    net = rnan_fast.RNAN(n_colors=3, scale=scale, n_feats=8, n_resgroups=n_resgroups)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if ".W." in name:
+                p.normal_(0, 0.05)
+    return net.to(dtype)
+
+
+def denoise_batch(batch=2, size=16, dtype=torch.float64, seed=1, device="cpu"):
+    """(noisy, clean) on the 0..255 scale: (batch, 3, size, size) each."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.rand(batch, 3, size, size, generator=g, dtype=torch.float64) * 255
+    noisy = clean + 25 * torch.randn(batch, 3, size, size, generator=g, dtype=torch.float64)
+    return noisy.to(device=device, dtype=dtype), clean.to(device=device, dtype=dtype)
+
+
+def hand_adam_steps(net, lr_batch, hr_batch, steps, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, loss="mse"):
+    """The step written out: forward, loss, autograd.grad, then Adam's update by its formula."""
+    params = [p for p in net.parameters()]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    losses = []
+    for t in range(1, steps + 1):
+        out = net(lr_batch)
+        value = ((out - hr_batch) ** 2).mean() if loss == "mse" else (out - hr_batch).abs().mean()
+        grads = torch.autograd.grad(value, params)
+        losses.append(value.detach())
+        with torch.no_grad():
+            for p, g, m_, v_ in zip(params, grads, m, v):
+                m_.mul_(betas[0]).add_(g, alpha=1 - betas[0])
+                v_.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+                m_hat = m_ / (1 - betas[0] ** t)
+                v_hat = v_ / (1 - betas[1] ** t)
+                p.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+    return losses
+
+
+def max_rel_diff(a: nn.Module, b: nn.Module, adam: bool = False) -> float:
+    """Largest parameter difference, relative to each parameter's largest entry.
+
+    adam=True leaves out theta.bias: with the softmax over queries its gradient is exactly zero
+    in exact arithmetic (theta_i + b shifts column j's scores by the constant b . phi_j), so
+    Adam turns rounding noise of ~1e-17 into updates of up to lr that no two orders of
+    summation share.
+    """
+    worst = 0.0
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        if adam and name.endswith("theta.bias"):
+            continue
+        scale = q.detach().abs().max().clamp_min(1e-6)
+        worst = max(worst, float((p.detach() - q.detach()).abs().max() / scale))
+    return worst
+
+
+# --------------------------------------------------------------------------- CPU: eager step
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_step_equals_hand_written_adam_float64(channels_last):
+    net = tiny_rnan()
+    ref = copy.deepcopy(net)
+    lr_batch, hr_batch = denoise_batch()
+    step = make_train_step(net, make_optimizer(net), loss="mse", channels_last=channels_last)
+    assert not step.uses_cuda_graph
+    got = [step(lr_batch, hr_batch) for _ in range(2)]  # two steps: Adam's bias correction at t = 1, 2
+    want = hand_adam_steps(ref, lr_batch, hr_batch, steps=2)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float64 and g.dim() == 0 and not g.requires_grad
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=0)
+    assert max_rel_diff(net, ref, adam=True) < 1e-10
+    assert max_rel_diff(net, tiny_rnan()) > 1e-6  # and the parameters did move
+
+
+def test_loss_decreases_on_a_fixed_batch_fp32():
+    net = tiny_rnan(dtype=torch.float32)
+    lr_batch, hr_batch = denoise_batch(dtype=torch.float32)
+    step = make_train_step(net, make_optimizer(net, lr=1e-3), loss="mse")  # channels_last by default
+    losses = [float(step(lr_batch, hr_batch)) for _ in range(6)]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+
+
+def test_super_resolution_shapes_and_l1_loss():
+    net = tiny_rnan(scale=2)
+    ref = copy.deepcopy(net)
+    g = torch.Generator().manual_seed(3)
+    lr_batch = torch.rand(2, 3, 10, 12, generator=g, dtype=torch.float64) * 255
+    hr_batch = torch.rand(2, 3, 20, 24, generator=g, dtype=torch.float64) * 255
+    step = make_train_step(net, make_optimizer(net), loss="l1", channels_last=False)
+    got = [step(lr_batch, hr_batch) for _ in range(2)]
+    want = hand_adam_steps(ref, lr_batch, hr_batch, steps=2, loss="l1")
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-12, atol=0)
+    assert max_rel_diff(net, ref, adam=True) < 1e-10
+    with pytest.raises(ValueError, match=r"maps lr_batch \(2, 3, 10, 12\) to \(2, 3, 20, 24\).*hr_batch \(2, 3, 10, 12\)"):
+        step(lr_batch, lr_batch)
+
+
+def test_bf16_autocast_keeps_float32_master_weights():
+    net = tiny_rnan(dtype=torch.float32)
+    fp32 = copy.deepcopy(net)
+    lr_batch, hr_batch = denoise_batch(dtype=torch.float32)
+    step = make_train_step(net, make_optimizer(net), precision="bf16")
+    step32 = make_train_step(fp32, make_optimizer(fp32), precision="fp32")
+    loss, loss32 = step(lr_batch, hr_batch), step32(lr_batch, hr_batch)
+    assert loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in net.parameters())
+    assert all(v.dtype == torch.float32 for s in step.optimizer.state.values() for k, v in s.items() if k != "step")
+    torch.testing.assert_close(loss, loss32, rtol=0.02, atol=0)  # bf16 has 8 mantissa bits
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "known bug outside this module: the registered ops compute inside the caller's autocast "
+    "region, so the reference non-local forward runs its 'fp32' score matmuls in bf16 while the "
+    "backward (outside autocast) recomputes them in fp32; the mismatched LSE blows the gradients "
+    "of theta/phi up. Fix: disable autocast inside the op implementations."))
+def test_bf16_gradients_follow_fp32_gradients():
+    """One bf16 backward against the fp32 one: every parameter gradient within a few percent."""
+    net = tiny_rnan(dtype=torch.float32)
+    with torch.no_grad():  # large non-local scores, as after some training: a sharp softmax
+        for name, p in net.named_parameters():
+            if name.endswith(("theta.weight", "phi.weight")):
+                p.mul_(8)
+    lr_batch, hr_batch = denoise_batch(dtype=torch.float32)
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        model = copy.deepcopy(net)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        make_train_step(model, opt, precision=precision, channels_last=False)(lr_batch, hr_batch)
+        grads[precision] = [p.grad for p in model.parameters()]
+    for (name, _), g32, g16 in zip(net.named_parameters(), grads["fp32"], grads["bf16"]):
+        err = float((g16 - g32).norm() / g32.norm().clamp_min(1e-12))
+        assert err < 0.1, f"{name}: relative gradient error {err:.3g} in bf16"
+
+
+def test_inputs_are_moved_to_the_model_dtype():
+    net = tiny_rnan()
+    ref = copy.deepcopy(net)
+    lr_batch, hr_batch = denoise_batch()
+    step = make_train_step(net, make_optimizer(net), channels_last=False)
+    step(lr_batch.float(), hr_batch.float())  # float32 batches into a float64 model
+    hand_adam_steps(ref, lr_batch.float().double(), hr_batch.float().double(), steps=1)
+    assert max_rel_diff(net, ref, adam=True) < 1e-10
+
+
+def test_custom_loss_callable_and_other_optimizers():
+    net = tiny_rnan()
+    ref = copy.deepcopy(net)
+    lr_batch, hr_batch = denoise_batch()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-6)
+    step = make_train_step(net, opt, loss=lambda out, target: (out - target).pow(2).sum(), channels_last=False)
+    step(lr_batch, hr_batch)
+    value = (ref(lr_batch) - hr_batch).pow(2).sum()
+    value.backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.sub_(1e-6 * p.grad)
+    assert max_rel_diff(net, ref) < 1e-10
+
+
+# --------------------------------------------------------------------------- arguments
+
+def test_rejects_bad_arguments():
+    net = tiny_rnan()
+    opt = make_optimizer(net)
+    with pytest.raises(ValueError, match="loss must be one of 'mse', 'l1', got 'l2'"):
+        make_train_step(net, opt, loss="l2")
+    with pytest.raises(ValueError, match="precision must be one of 'fp32', 'bf16', got 'fp16'"):
+        make_train_step(net, opt, precision="fp16")
+    with pytest.raises(TypeError, match="channels_last must be True or False"):
+        make_train_step(net, opt, channels_last="yes")
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        make_train_step(net, opt, compile=1)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        make_train_step(lambda x: x, opt)
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        make_train_step(net, {"lr": 1e-4})
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        make_train_step(net, torch.optim.Adam([nn.Parameter(torch.zeros(3, dtype=torch.float64))]))
+    with pytest.raises(TypeError, match="precision='bf16'.*float32 weights.*torch.float64"):
+        make_train_step(net, opt, precision="bf16")
+    half = tiny_rnan(dtype=torch.float16)
+    with pytest.raises(TypeError, match="keep the weights in float32"):
+        make_train_step(half, make_optimizer(half))
+    if not CUDA:
+        with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device; it is on cpu"):
+            make_train_step(net, opt, cuda_graph=True)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        make_optimizer(nn.ReLU())
+
+
+def test_rejects_bad_batches():
+    net = tiny_rnan()
+    step = make_train_step(net, make_optimizer(net), channels_last=False)
+    lr_batch, hr_batch = denoise_batch()
+    with pytest.raises(TypeError, match="lr_batch must be a torch.Tensor, got list"):
+        step([1.0], hr_batch)
+    with pytest.raises(ValueError, match=r"hr_batch must be a floating \(B, C, H, W\) tensor.*\(3, 16, 16\)"):
+        step(lr_batch, hr_batch[0])
+    with pytest.raises(ValueError, match="different batch sizes"):
+        step(lr_batch, hr_batch[:1])
+    with pytest.raises(ValueError, match=r"input must be \(B, 3, H, W\)"):
+        step(lr_batch[:, :1], hr_batch[:, :1])
+
+
+def test_make_optimizer_uses_the_official_settings():
+    net = tiny_rnan()
+    opt = make_optimizer(net)
+    group = opt.param_groups[0]
+    assert isinstance(opt, torch.optim.Adam)
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (1e-4, (0.9, 0.999), 1e-8, 0.0)
+    assert not group["fused"]  # CPU parameters: the default implementation
+    assert sum(p.numel() for p in group["params"]) == sum(p.numel() for p in net.parameters())
+
+
+# --------------------------------------------------------------------------- train()
+
+def test_train_loop_restarts_the_iterable_and_logs():
+    net = tiny_rnan()
+    batches = [denoise_batch(seed=s) for s in (1, 2)]
+    logged = []
+    step = make_train_step(net, make_optimizer(net, lr=1e-3), channels_last=False)
+    losses = train(step, batches, num_steps=3, log_every=2, log=logged.append)
+    assert losses.shape == (3,) and losses.dtype == torch.float32 and losses.device.type == "cpu"
+    assert [line.split(":")[0] for line in logged] == ["step 2"]
+    assert float(logged[0].split("loss ")[1]) == pytest.approx(float(losses[1]), rel=1e-5)
+    one_pass = train(step, iter(batches))  # num_steps=None: one pass over the iterable
+    assert one_pass.shape == (2,)
+    assert train(step, iter([]), num_steps=3).shape == (0,)  # an empty iterator ends the loop
+    with pytest.raises(ValueError, match="num_steps must be a non-negative int"):
+        train(step, batches, num_steps=-1)
+
+
+# --------------------------------------------------------------------------- GPU: CUDA graph
+
+def _gpu_pair(precision="fp32", seed=0):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    net = tiny_rnan(dtype=torch.float32, seed=seed, n_resgroups=3).cuda()
+    twin = copy.deepcopy(net)
+    graphed = make_train_step(net, make_optimizer(net, lr=1e-3), precision=precision)
+    eager = make_train_step(twin, make_optimizer(twin, lr=1e-3), precision=precision, cuda_graph=False)
+    return net, twin, graphed, eager
+
+
+@needs_cuda
+def test_cuda_graph_replay_equals_eager_steps():
+    net, twin, graphed, eager = _gpu_pair()
+    assert graphed.uses_cuda_graph and not eager.uses_cuda_graph
+    batches = [denoise_batch(batch=4, size=24, dtype=torch.float32, seed=s, device="cuda") for s in range(5)]
+    start = copy.deepcopy(net)
+    first = graphed(*batches[0])
+    assert graphed.captured
+    # the warm-up before capture must not count as training: one call = one step
+    eager_first = eager(*batches[0])
+    torch.testing.assert_close(first, eager_first, rtol=1e-5, atol=0)
+    assert max_rel_diff(net, twin, adam=True) < 1e-4 and max_rel_diff(net, start) > 0
+    for b in batches[1:]:
+        torch.testing.assert_close(graphed(*b), eager(*b), rtol=1e-4, atol=0)
+    assert max_rel_diff(net, twin, adam=True) < 1e-3
+
+
+@needs_cuda
+def test_cuda_graph_bf16_trains_and_refuses_other_shapes():
+    net, _, graphed, _ = _gpu_pair(precision="bf16")
+    lr_batch, hr_batch = denoise_batch(batch=4, size=24, dtype=torch.float32, device="cuda")
+    losses = torch.stack([graphed(lr_batch, hr_batch) for _ in range(8)]).tolist()
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    with pytest.raises(ValueError, match="CUDA graph was captured for lr"):
+        graphed(lr_batch[:2], hr_batch[:2])
+
+
+@needs_cuda
+def test_cuda_graph_sees_learning_rate_changes():
+    net, twin, graphed, eager = _gpu_pair()
+    scheds = [torch.optim.lr_scheduler.StepLR(s.optimizer, step_size=2, gamma=0.5) for s in (graphed, eager)]
+    for seed in range(6):
+        b = denoise_batch(batch=2, size=24, dtype=torch.float32, seed=seed, device="cuda")
+        graphed(*b), eager(*b)
+        for s in scheds:
+            s.step()
+    assert float(graphed.optimizer.param_groups[0]["lr"]) == pytest.approx(1e-3 / 8)
+    assert max_rel_diff(net, twin, adam=True) < 1e-3
