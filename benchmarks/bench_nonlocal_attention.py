@@ -1,0 +1,137 @@
+"""Non-local attention (official column softmax, d = 32): naive vs a two-call SDPA composite vs ours.
+
+    pytest benchmarks/bench_nonlocal_attention.py --benchmark-columns=median,min,rounds
+
+Providers:
+  naive      the official formula (N x N scores and probabilities, autograd), eager PyTorch;
+  sdpa2      two calls of PyTorch's memory-efficient attention kernel with its log-sum-exp output
+             (aten._scaled_dot_product_efficient_attention, scale=1): call 1 with queries and keys
+             swapped gives LSE_j per key; call 2 attends with the bias -LSE_j and rescales by
+             exp(its own LSE_i) = sum_j P_ij. Forward only: that kernel has no gradient for its LSE
+             output, so a fwd+bwd through it would be wrong;
+  ours       rnan_fast.ops.nonlocal_attention(backend="triton").
+benchmark.extra_info: scores_per_s = B N^2 / median time; exp_floor_fraction = (exps / 4.1e12 per s)
+/ median time with exps = 2 B N^2 for the forward (the two exp passes of the column softmax) and
+5 B N^2 for forward + backward (what our kernels evaluate: 2 forward + 3 backward); peak_mem_mib =
+peak CUDA memory of one call above what was allocated before it. Naive is skipped where its
+estimated memory (scores + probabilities, x2 with the backward) exceeds 85% of free memory.
+
+On a machine without CUDA every GPU case skips with the reason, and one small CPU case (blocked
+reference vs naive) runs so the file is exercised.
+"""
+
+import pytest
+import torch
+
+import rnan_fast
+from rnan_fast import _ext, reference
+
+EXP_RATE = 4.1e12          # MUFU ex2 per second, H100 (DESIGN.md section 5)
+D = 32
+SHAPES = [(16, 48 * 48), (16, 96 * 96), (1, 100 * 100), (1, 200 * 200), (1, 256 * 384), (1, 512 * 768)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="GPU benchmark: no CUDA device on this machine")
+
+
+def _inputs(B, N, dtype, device, requires_grad):
+    gen = torch.Generator(device=device).manual_seed(0)
+    # Random, never zeros; unit-variance features give O(sqrt(d)) scores (timing does not depend on it).
+    th, ph, g = (torch.randn(B, N, D, generator=gen, device=device, dtype=torch.float32).to(dtype) for _ in range(3))
+    return [t.requires_grad_(requires_grad) for t in (th, ph, g)]
+
+
+def _naive(th, ph, g):
+    return reference.nonlocal_attention_naive(th, ph, g, "query")
+
+
+def _sdpa2(th, ph, g):
+    eff = torch.ops.aten._scaled_dot_product_efficient_attention
+    q, k, v = (t.unsqueeze(1) for t in (th, ph, g))                    # (B, 1, N, D)
+    B, _, N, _ = q.shape
+    _, lse_key, _, _ = eff(k, q, k, None, True, 0.0, False, scale=1.0)  # softmax over queries, per key
+    bias = (-lse_key[..., :N]).to(q.dtype).unsqueeze(2).expand(B, 1, N, N)
+    out, lse_row, _, _ = eff(q, k, v, bias, True, 0.0, False, scale=1.0)
+    return (out.float() * lse_row[..., :N, None].exp()).to(g.dtype).squeeze(1)
+
+
+def _ours(th, ph, g):
+    return rnan_fast.ops.nonlocal_attention(th, ph, g, softmax_over="query", backend="triton")
+
+
+PROVIDERS = {"naive": _naive, "sdpa2": _sdpa2, "ours": _ours}
+
+
+def _naive_bytes(B, N, dtype, backward):
+    per = B * N * N * torch.tensor([], dtype=dtype).element_size()
+    return per * (4 if backward else 2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("B,N", SHAPES, ids=[f"B{b}-N{n}" for b, n in SHAPES])
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_nonlocal_attention(benchmark, provider, B, N, dtype_name, passes):
+    dtype = DTYPES[dtype_name]
+    backward = passes == "fwd+bwd"
+    if provider == "ours" and not _ext.TRITON:
+        pytest.skip(f"Triton unavailable: {_ext.TRITON_ERROR}")
+    if provider == "sdpa2" and backward:
+        pytest.skip("sdpa2 is forward only: the efficient-attention kernel has no gradient for its LSE output")
+    free, _ = torch.cuda.mem_get_info()
+    if provider == "naive" and _naive_bytes(B, N, dtype, backward) > 0.85 * free:
+        pytest.skip(f"naive would need ~{_naive_bytes(B, N, dtype, backward) / 2**30:.0f} GiB "
+                    f"(free {free / 2**30:.0f} GiB): out of memory")
+    th, ph, g = _inputs(B, N, dtype, "cuda", backward)
+    fn = PROVIDERS[provider]
+    dout = torch.randn(B, N, D, device="cuda", dtype=dtype)
+
+    def run():
+        if backward:
+            for t in (th, ph, g):
+                t.grad = None
+            fn(th, ph, g).backward(dout)
+        else:
+            with torch.no_grad():
+                fn(th, ph, g)
+
+    try:
+        run()                                   # compile, autotune, and check it runs at all
+    except Exception as e:                      # e.g. a backend without this shape: report, do not fail
+        pytest.skip(f"{provider} failed on this case: {type(e).__name__}: {str(e)[:200]}")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+
+    def timed():
+        run()
+        torch.cuda.synchronize()
+
+    n2 = B * N * N
+    est = 2 * n2 / EXP_RATE * (2.5 if backward else 1)
+    rounds = max(3, min(50, int(1.0 / max(est, 1e-4))))
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=2)
+    t = benchmark.stats.stats.median
+    exps = (5 if backward else 2) * n2
+    benchmark.extra_info.update({
+        "provider": provider, "B": B, "N": N, "d": D, "dtype": dtype_name, "passes": passes,
+        "scores_per_s": n2 / t, "exp_floor_s": exps / EXP_RATE, "exp_floor_fraction": exps / EXP_RATE / t,
+        "peak_mem_mib": peak / 2**20, "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__, "triton": _ext.triton_version(),
+        "fp32_matmul_precision": torch.get_float32_matmul_precision(),
+    })
+
+
+def test_cpu_reference_blocked_vs_naive(benchmark):
+    """The one case that runs without a GPU: blocked reference (O(block * N) memory) vs naive, small N."""
+    B, N = 2, 16 * 16
+    th, ph, g = _inputs(B, N, torch.float32, "cpu", False)
+    out = benchmark(lambda: reference.nonlocal_attention_forward(th, ph, g, "query", block=32)[0])
+    torch.testing.assert_close(out, _naive(th, ph, g), rtol=1e-4, atol=1e-5)
+    t = benchmark.stats.stats.median
+    benchmark.extra_info.update({"provider": "reference-blocked", "B": B, "N": N, "d": D,
+                                 "scores_per_s": B * N * N / t, "device": "cpu"})
