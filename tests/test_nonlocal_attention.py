@@ -14,6 +14,10 @@ from rnan_fast import _ext, reference
 from rnan_fast.ops import nonlocal_attention
 
 op = torch.ops.rnan_fast.nonlocal_attention
+# Under the interpreter, rows past N in a partial block (computed, never stored) may overflow to
+# inf/nan in numpy; stored results are checked for finiteness below.
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 MODES = ("query", "key")
 CUDA = torch.cuda.is_available()
 TRITON_HERE = _ext.TRITON and (CUDA or _ext.triton_interpret())
@@ -62,7 +66,7 @@ def naive_with_grads(th, ph, g, mode, dout, dtype=torch.float64):
 
 
 def assert_close_rule(ours, ref64, lowp, name, floor, scale=None):
-    """|ours - ref| <= 2 |lowp - ref| + floor * scale (max norms); scale defaults to max |ref|.
+    """|ours - ref| <= 2 |lowp - ref| + floor * max(scale, max |ref|) (max norms).
 
     For gradients the tests pass the natural scale of the terms summed (`grad_scale`): with
     1e4-sized scores most softmaxes saturate, the true gradients are then far smaller than the
@@ -75,7 +79,7 @@ def assert_close_rule(ours, ref64, lowp, name, floor, scale=None):
     base = (lowp - ref64).abs().max().item()
     if not torch.isfinite(torch.tensor(base)):
         base = 0.0   # PyTorch's own low-precision result overflowed: the floor alone bounds ours
-    scale = ref64.abs().max().item() if scale is None else scale
+    scale = max(ref64.abs().max().item(), scale or 0.0)
     bound = 2 * base + floor * scale + 1e-12
     assert err <= bound, (f"{name}: error {err:.3e} > bound {bound:.3e} (PyTorch's own error {base:.3e}, "
                           f"scale {scale:.3e}, error/scale {err / max(scale, 1e-300):.2e})")
@@ -299,8 +303,8 @@ def test_triton_fp16(mode):
         low, low_grads = low.half(), [x.half() for x in low_grads]
     assert out.dtype == torch.float16 and all(t.dtype == torch.float16 for t in grads)
     assert_close_rule(out, ref, low, "out", 2e-3)
-    for name, a, b, l in zip(("dtheta", "dphi", "dg"), grads, ref_grads, low_grads):
-        assert_close_rule(a, b, l, name, 5e-3)
+    for name, a, b, l, sc in zip(("dtheta", "dphi", "dg"), grads, ref_grads, low_grads, grad_scales(th, ph, g, dout)):
+        assert_close_rule(a, b, l, name, 5e-3, sc)
 
 
 @needs_triton
@@ -365,8 +369,11 @@ def test_gpu_dtypes_tolerance_rule(mode, dtype, precision, scale):
             low, low_grads = naive_with_grads(th, ph, g, mode, dout, dtype=dtype)
             floor = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
             assert_close_rule(y, ref, low, f"out {dtype} {precision} N={N}", floor)
-            for name, x, b, l in zip(("dtheta", "dphi", "dg"), xs, ref_grads, low_grads):
-                assert_close_rule(x.grad, b, l, f"{name} {dtype} {precision} N={N}", 2 * floor)
+            if dtype == torch.float32 and precision == "highest":
+                floor = fp32_grad_floor(th, ph)
+            for name, x, b, l, sc in zip(("dtheta", "dphi", "dg"), xs, ref_grads, low_grads,
+                                         grad_scales(th, ph, g, dout)):
+                assert_close_rule(x.grad, b, l, f"{name} {dtype} {precision} N={N}", 2 * floor, sc)
     finally:
         torch.set_float32_matmul_precision(prev)
 
