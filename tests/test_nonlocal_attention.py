@@ -218,14 +218,14 @@ def _random_cases(n, seed):
     rng = random.Random(seed)
     cases = []
     for i in range(n):
-        N = [1, 17, 45, 130][i % 4] if i < 4 else rng.randint(2, 140)
+        N = [1, 17, 45, 130, 32, 64][i] if i < 6 else rng.randint(2, 140)   # 32, 64: no partial block
         cases.append(dict(B=rng.randint(1, 3), N=N, d=rng.choice([16, 32, 64]), dv=rng.choice([16, 32, 64]),
                           mode=MODES[i % 2], scale=rng.choice(["unit", "image"]),
                           layout=rng.choice(["contiguous", "permuted", "batch_inner", "sliced"]), seed=seed + i))
     return cases
 
 
-TRITON_CASES = _random_cases(10, 2024)
+TRITON_CASES = _random_cases(12, 2024)
 
 
 def fp32_grad_floor(th, ph):
@@ -284,6 +284,21 @@ def test_triton_op_autograd_noncontiguous(mode):
     assert_close_rule(y, ref, low, "out", 2e-5)
     for name, x, b, l, sc in zip(("dtheta", "dphi", "dg"), xs, ref_grads, low_grads, grad_scales(th, ph, g, dout)):
         assert_close_rule(x.grad, b, l, name, fp32_grad_floor(th, ph), sc)
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_expanded_grad_output(mode):
+    # A sum over the feature dim hands the backward a stride-0 (expanded) gradient.
+    th, ph, g = make_inputs(2, 33, 16, 32, seed=16, device=DEV)
+    w = torch.randn(2, 33, generator=torch.Generator().manual_seed(3)).to(DEV)
+    xs = [t.detach().requires_grad_() for t in (th, ph, g)]
+    with _highest():
+        (nonlocal_attention(*xs, softmax_over=mode, backend="triton").sum(2) * w).sum().backward()
+        ref, ref_grads = naive_with_grads(th, ph, g, mode, w[:, :, None].expand(2, 33, 32))
+    for x, b, sc in zip(xs, ref_grads, grad_scales(th, ph, g, w[:, :, None].expand(2, 33, 32))):
+        err = (x.grad.double().cpu() - b.cpu()).abs().max().item()
+        assert err <= 1e-6 * sc, (err, sc)
 
 
 @needs_triton
