@@ -20,7 +20,11 @@ single stored LSE puts a 5e-4 relative error on every weight, and the dominant w
 saturated softmax (large scores make most of them saturated) is no longer 1: its gradient
 P (dP - D) then holds noise of size 5e-4 |dP| where the true value is ~0. S - m is exact near
 the maximum (Sterbenz), so with the split the dominant weight is 1 to the last bit, as in
-PyTorch's softmax. The extra FADD is free beside the ex2 (MUFU) bound. The op's lse output is
+PyTorch's softmax - provided the kernel that recomputes S_ij gets the same bits as the one that
+took the max. Key-major kernels compute S^T = K Q^T and query-major ones S = Q K^T; an MMA with
+exact products (fp16/bf16) or an in-order FMA chain ("ieee") should give identical bits either
+way, while numpy (the interpreter, d >= 32) and possibly tf32x3 differ in the last bit, which
+leaves a ~ulp(S) error on saturated weights (the tests' floors allow for it; to verify on GPU). The extra FADD is free beside the ex2 (MUFU) bound. The op's lse output is
 internal (non-differentiable, consumed only by this module's backward).
 
 Column softmax (softmax_over="query", official RNAN, softmax over queries, dim=1):
@@ -56,7 +60,8 @@ Offsets: batch and row offsets are int64, so B*N*D > 2^31 elements is fine.
 
 Dot precision: fp16/bf16 use tensor cores. fp32 follows torch.get_float32_matmul_precision():
 "highest" -> FP32_HIGHEST_INPUT_PRECISION ("tf32x3": three tf32 products, ~fp32 accuracy at a
-fraction of the cost of "ieee" FMA dots), "high"/"medium" -> "tf32".
+fraction of the cost of "ieee" FMA dots; switch the constant to "ieee" if a GPU run shows
+tf32x3 outside the tests' tolerance), "high"/"medium" -> "tf32".
 
 Tuning: on a GPU every kernel is autotuned over a few block/warp/stage configs, keyed on
 (N bucket = next power of two, D, DV, dot precision, dtypes). Tuning benchmarks (and syncs), so
