@@ -9,8 +9,8 @@
 from rnan_fast._ext import backend_info  # loads rnan_fast._C first: it defines torch.ops.rnan_fast
 from rnan_fast._backend import get_backend, set_backend, use_backend
 from rnan_fast import ops, reference
-from rnan_fast.model import RNAN
+from rnan_fast.model import RNAN, CheckpointError
 
 __version__ = "0.1.0"
 
-__all__ = ["RNAN", "backend_info", "get_backend", "ops", "reference", "set_backend", "use_backend", "__version__"]
+__all__ = ["RNAN", "CheckpointError", "backend_info", "get_backend", "ops", "reference", "set_backend", "use_backend", "__version__"]
