@@ -33,20 +33,18 @@
 namespace rnan_fast {
 namespace {
 
-// sigmoid(v) = 1 / (1 + exp(-v)) in float32 with an exp written in plain arithmetic (range
-// reduction by ln 2 and a degree-5 polynomial, about 2 ulp), so that the loops calling it
-// vectorise; std::exp would be a scalar library call per element. The argument of exp is
-// clamped to [-87, 88] (the result stays a normal float; sigmoid is 0 or 1 to float precision
-// beyond), and NaN is passed through.
-RNAN_ALWAYS_INLINE float sigmoid_f32(float v) {
-  float a = -v;
+// exp(a) in float32 written in plain arithmetic (range reduction by ln 2 and a degree-5
+// polynomial, about 2 ulp) so that the loops calling it vectorise; std::exp would be a scalar
+// library call per element. a is clamped to [-87, 88] (the result stays a normal float; a
+// sigmoid built on it is 0 or 1 to float precision beyond), and NaN is passed through.
+RNAN_ALWAYS_INLINE float exp_f32(float a) {
   const bool nan = !(a == a);
-  a = nan ? 0.0f : a;
-  a = a < -87.0f ? -87.0f : a;
-  a = a > 88.0f ? 88.0f : a;
-  // k = round(a / ln 2) by the 1.5 * 2^23 trick; r = a - k ln 2 in two parts (Cody-Waite).
-  const float k = (a * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = a - k * 0.693359375f;
+  float c = nan ? 0.0f : a;
+  c = c < -87.0f ? -87.0f : c;
+  c = c > 88.0f ? 88.0f : c;
+  // k = round(c / ln 2) by the 1.5 * 2^23 trick; r = c - k ln 2 in two parts (Cody-Waite).
+  const float k = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = c - k * 0.693359375f;
   r = r + k * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -56,12 +54,29 @@ RNAN_ALWAYS_INLINE float sigmoid_f32(float v) {
   p = p * r + 5.0000001201e-1f;
   const float er = p * r * r + r + 1.0f;
   const float scale = std::bit_cast<float>((static_cast<int32_t>(k) + 127) << 23);  // 2^k, k in [-126, 127]
-  const float s = 1.0f / (1.0f + er * scale);
-  return nan ? v : s;
+  return nan ? a : er * scale;
 }
 
-RNAN_ALWAYS_INLINE float sigmoid_acc(float v) { return sigmoid_f32(v); }
-RNAN_ALWAYS_INLINE double sigmoid_acc(double v) { return 1.0 / (1.0 + std::exp(-v)); }
+RNAN_ALWAYS_INLINE float exp_acc(float a) { return exp_f32(a); }
+RNAN_ALWAYS_INLINE double exp_acc(double a) { return std::exp(a); }
+
+// s = sigmoid(v) = 1 / (1 + e) with e = exp(-v), and 1 - s. For s >= 1/2, 1 - s = e * s keeps
+// its relative accuracy where the subtraction would cancel (1 - s is 0 in float32 from v > 17,
+// while s (1 - s) is still ~1e-8); for s < 1/2 the subtraction is exact enough and avoids
+// inf * 0 when e overflows.
+template <typename A>
+RNAN_ALWAYS_INLINE A sigmoid_acc(A v, A& one_minus_s) {
+  const A e = exp_acc(-v);
+  const A s = A(1) / (A(1) + e);
+  one_minus_s = s < A(0.5) ? A(1) - s : e * s;
+  return s;
+}
+
+template <typename A>
+RNAN_ALWAYS_INLINE A sigmoid_acc(A v) {
+  A unused;
+  return sigmoid_acc(v, unused);
+}
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -81,10 +96,11 @@ RNAN_ALWAYS_INLINE void bwd_loop(const T* __restrict g, const T* __restrict m, c
                                  T* __restrict gm, T* __restrict gt, int64_t n) {
   using A = acc_t<T>;
   for (int64_t i = 0; i < n; ++i) {
-    const A s = sigmoid_acc(static_cast<A>(m[i]));
+    A one_minus_s;
+    const A s = sigmoid_acc(static_cast<A>(m[i]), one_minus_s);
     const A gs = static_cast<A>(g[i]) * s;
     gt[i] = static_cast<T>(gs);
-    gm[i] = static_cast<T>(gs * static_cast<A>(t[i]) * (A(1) - s));
+    gm[i] = static_cast<T>(gs * static_cast<A>(t[i]) * one_minus_s);
   }
 }
 

@@ -32,8 +32,24 @@ struct Acc<double> {
   using type = double;
 };
 
-__device__ __forceinline__ float sigmoid_acc(float v) { return 1.0f / (1.0f + __expf(-v)); }
-__device__ __forceinline__ double sigmoid_acc(double v) { return 1.0 / (1.0 + exp(-v)); }
+__device__ __forceinline__ float exp_acc(float a) { return __expf(a); }
+__device__ __forceinline__ double exp_acc(double a) { return exp(a); }
+
+// s = sigmoid(v) = 1 / (1 + e), e = exp(-v), and 1 - s, computed as e * s for s >= 1/2 where
+// the subtraction would cancel (as in the CPU kernel); 1 - s for s < 1/2 (no inf * 0).
+template <typename A>
+__device__ __forceinline__ A sigmoid_acc(A v, A& one_minus_s) {
+  const A e = exp_acc(-v);
+  const A s = A(1) / (A(1) + e);
+  one_minus_s = s < A(0.5) ? A(1) - s : e * s;
+  return s;
+}
+
+template <typename A>
+__device__ __forceinline__ A sigmoid_acc(A v) {
+  A unused;
+  return sigmoid_acc(v, unused);
+}
 
 // V elements of T moved as one aligned access (V * sizeof(T) = 16 bytes on the vector path).
 template <typename T, int V>
@@ -89,10 +105,11 @@ __global__ void __launch_bounds__(kThreads)
     P gmv, gtv;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const A s = sigmoid_acc(static_cast<A>(mv.v[k]));
+      A oms;
+      const A s = sigmoid_acc(static_cast<A>(mv.v[k]), oms);
       const A gs = static_cast<A>(gv.v[k]) * s;
       gtv.v[k] = static_cast<T>(gs);
-      gmv.v[k] = static_cast<T>(gs * static_cast<A>(tv.v[k]) * (A(1) - s));
+      gmv.v[k] = static_cast<T>(gs * static_cast<A>(tv.v[k]) * oms);
     }
     reinterpret_cast<P*>(gm)[p] = gmv;
     reinterpret_cast<P*>(gt)[p] = gtv;
@@ -100,10 +117,11 @@ __global__ void __launch_bounds__(kThreads)
   if (V > 1) {
     const int64_t i = packs * V + tid;
     if (i < n) {
-      const A s = sigmoid_acc(static_cast<A>(m[i]));
+      A oms;
+      const A s = sigmoid_acc(static_cast<A>(m[i]), oms);
       const A gs = static_cast<A>(g[i]) * s;
       gt[i] = static_cast<T>(gs);
-      gm[i] = static_cast<T>(gs * static_cast<A>(t[i]) * (A(1) - s));
+      gm[i] = static_cast<T>(gs * static_cast<A>(t[i]) * oms);
     }
   }
 }
