@@ -1,0 +1,205 @@
+"""Image input/output, colour conversions and the benchmark degradations (numpy, no torch).
+
+Images are numpy arrays: uint8 (H, W) for gray, uint8 (H, W, 3) for RGB; degraded inputs may be
+float64 (noise is not rounded). The degradations follow the protocols that reproduce RNAN's
+benchmark rows (the shared data README):
+
+- ``add_gaussian_noise``: additive white Gaussian noise, sigma on the 0..255 scale, drawn in
+  float64 from ``numpy.random.default_rng(seed)``; the noisy image is neither rounded nor
+  clipped (``quantize=True`` rounds and clips to uint8, as storing the noisy image as PNG would).
+  ``noise_seed(base, index)`` is the per-image seed the evaluation uses: image ``index`` (0-based
+  position in the sorted file list) gets ``base + index``, so ``--limit`` never changes the noise
+  of the images it keeps.
+- ``jpeg``: Pillow JPEG at a quality, of a gray (H, W) uint8 image; colour test sets are first
+  turned into MATLAB's rgb2ycbcr Y channel (``rgb_to_y(..., rounded=True)``).
+- ``mosaic``: GRBG Bayer pattern ((0,0)=G, (0,1)=R, (1,0)=B, (1,1)=G), the missing samples set
+  to zero, kept as a 3-channel image.
+- ``bicubic_downscale``: crop to a multiple of the scale, then MATLAB ``imresize(HR, 1/s,
+  'bicubic')`` from uint8 RGB (rnan_fast.imresize).
+- ``to_gray``: Pillow ``convert('L')`` (ITU-R 601-2 luma, R*299/1000 + G*587/1000 + B*114/1000),
+  how RGB inputs become gray for gray-denoising models and how gray Kodak24 is made.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from rnan_fast.imresize import imresize, round_half_away
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "ImageReadError", "read_image", "write_png_atomic", "list_images",
+    "to_gray", "to_rgb", "rgb_to_y", "add_gaussian_noise", "noise_seed", "jpeg", "mosaic",
+    "modcrop", "bicubic_downscale", "bicubic_upscale", "to_uint8",
+]
+
+IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm", ".pgm", ".webp")
+
+
+class ImageReadError(ValueError):
+    """An input file that is not a readable image."""
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as uint8: (H, W) for gray files, (H, W, 3) for colour ones.
+
+    Alpha is dropped; palette, 16-bit and other modes are converted by Pillow to "L" or "RGB".
+    Raises ImageReadError (a ValueError) naming the file when it cannot be read or decoded.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("L", "RGB"):
+                out = im
+            elif im.mode in ("1", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
+                if im.mode.startswith("I") or im.mode == "F":
+                    arr = np.asarray(im, dtype=np.float64)
+                    scale = 255.0 / 65535.0 if arr.max() > 255 else 1.0
+                    return np.clip(round_half_away(arr * scale), 0, 255).astype(np.uint8)
+                out = im.convert("L")
+            else:
+                out = im.convert("RGB")
+            arr = np.array(out, dtype=np.uint8)
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageReadError(f"{path}: is a directory") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"{path}: not a readable image ({e})") from None
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    return arr
+
+
+def write_png_atomic(path: str | os.PathLike, img: np.ndarray) -> None:
+    """Write a uint8 (H, W) or (H, W, 3) array as PNG: a temporary file in the same folder,
+    then os.replace, so a reader never sees a half-written file and no temporary is left."""
+    path = Path(path)
+    img = np.asarray(img)
+    if img.dtype != np.uint8:
+        raise TypeError(f"write_png_atomic expects uint8, got {img.dtype}")
+    fd, tmp = tempfile.mkstemp(prefix="." + path.stem + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(img).save(f, format="PNG")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly in `folder` (by extension, case-insensitive), sorted by name."""
+    folder = Path(folder)
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+                  key=lambda p: p.name)
+
+
+# --------------------------------------------------------------------------- colour
+
+def to_gray(img: np.ndarray) -> np.ndarray:
+    """uint8 RGB (H, W, 3) -> uint8 gray (H, W) with Pillow's convert('L'); gray is returned as is."""
+    if img.ndim == 2:
+        return img
+    return np.array(Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8), "RGB").convert("L"))
+
+
+def to_rgb(img: np.ndarray) -> np.ndarray:
+    """Gray (H, W) -> (H, W, 3) by replicating the channel; RGB is returned as is."""
+    if img.ndim == 2:
+        return np.repeat(img[:, :, None], 3, axis=2)
+    return img
+
+
+def rgb_to_y(img: np.ndarray, rounded: bool = True) -> np.ndarray:
+    """Y of MATLAB's rgb2ycbcr for a 0..255 RGB image (H, W, 3): (65.481 R + 128.553 G + 24.966 B)
+    / 255 + 16. rounded=True gives uint8 (MATLAB on a uint8 image); False gives float64 (MATLAB
+    on im2double input, times 255: what the SR evaluation uses). A gray (H, W) image is returned
+    unchanged (as float64 when rounded=False)."""
+    if img.ndim == 2:
+        return img if rounded else img.astype(np.float64)
+    a = img.astype(np.float64)
+    y = (65.481 * a[..., 0] + 128.553 * a[..., 1] + 24.966 * a[..., 2]) / 255.0 + 16.0
+    if rounded:
+        return np.clip(round_half_away(y), 0, 255).astype(np.uint8)
+    return y
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """Round (half away from zero) and clamp a 0..255 float image to uint8."""
+    if img.dtype == np.uint8:
+        return img
+    return np.clip(round_half_away(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- degradations
+
+def noise_seed(base: int, index: int) -> int:
+    """Seed for the image at `index` (0-based, in sorted file order): base + index."""
+    return int(base) + int(index)
+
+
+def add_gaussian_noise(img: np.ndarray, sigma: float, seed: int, quantize: bool = False) -> np.ndarray:
+    """img + sigma * N(0, 1), float64, noise from numpy.random.default_rng(seed).standard_normal
+    of the image's shape. Unclipped and unrounded unless quantize=True (then uint8)."""
+    rng = np.random.default_rng(seed)
+    noisy = img.astype(np.float64) + float(sigma) * rng.standard_normal(img.shape)
+    return to_uint8(noisy) if quantize else noisy
+
+
+def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    """Pillow JPEG round trip of a uint8 gray (H, W) image at `quality`; returns uint8 (H, W)."""
+    if img.ndim != 2 or img.dtype != np.uint8:
+        raise ValueError("jpeg expects a uint8 gray (H, W) image (use rgb_to_y for colour images)")
+    buf = io.BytesIO()
+    Image.fromarray(img, "L").save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    with Image.open(buf) as im:
+        return np.array(im.convert("L"), dtype=np.uint8)
+
+
+def mosaic(img: np.ndarray) -> np.ndarray:
+    """GRBG Bayer mosaic of an RGB (H, W, 3) image: (0,0)=G, (0,1)=R, (1,0)=B, (1,1)=G per 2x2
+    cell, missing samples zero; same dtype and shape as the input."""
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError("mosaic expects an RGB (H, W, 3) image")
+    out = np.zeros_like(img)
+    out[0::2, 0::2, 1] = img[0::2, 0::2, 1]
+    out[0::2, 1::2, 0] = img[0::2, 1::2, 0]
+    out[1::2, 0::2, 2] = img[1::2, 0::2, 2]
+    out[1::2, 1::2, 1] = img[1::2, 1::2, 1]
+    return out
+
+
+def modcrop(img: np.ndarray, scale: int) -> np.ndarray:
+    """Crop the bottom/right so that height and width are multiples of `scale`."""
+    h, w = img.shape[:2]
+    return img[: h - h % scale, : w - w % scale]
+
+
+def bicubic_downscale(hr: np.ndarray, scale: int, padding: str = "symmetric") -> np.ndarray:
+    """The SR degradation: MATLAB imresize(modcrop(hr, scale), 1/scale, 'bicubic') on uint8."""
+    hr = modcrop(hr, scale)
+    h, w = hr.shape[:2]
+    return imresize(hr, 1.0 / scale, output_shape=(h // scale, w // scale), padding=padding)
+
+
+def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
+    """MATLAB imresize(lr, scale, 'bicubic') on uint8: the 'Bicubic' baseline of SR tables."""
+    h, w = lr.shape[:2]
+    return imresize(lr, float(scale), output_shape=(h * scale, w * scale))

@@ -1,0 +1,258 @@
+"""Image IO, degradations, MATLAB imresize and the metrics: the benchmark protocols.
+
+The baseline rows of the shared data README (JPEG-only, mosaiced, bicubic PSNR) must come out
+of these functions to 0.01 dB (JPEG, mosaic) and 0.03 dB (bicubic).
+"""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rnan_fast import data as D
+from rnan_fast.imresize import contributions, imresize, round_half_away
+from rnan_fast.metrics import evaluate, gaussian_window, psnr, ssim
+
+SET5 = ["baby", "bird", "butterfly", "head", "woman"]
+
+
+def _load(path):
+    return np.array(Image.open(path))
+
+
+def _diff(a, b):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return np.abs(a.astype(np.int64) - b.astype(np.int64))
+
+
+# --------------------------------------------------------------------------- imresize
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_imresize_matches_matlab_lr_bicubic(data_dir, scale):
+    """Set5/LR_bicubic/X{s}/{name}x{s}.png: MATLAB imresize(HR, 1/s, 'bicubic'), bit-exact."""
+    for name in SET5:
+        hr = D.read_image(data_dir / "Set5" / "HR" / f"{name}.png")
+        ref = _load(data_dir / "Set5" / "LR_bicubic" / f"X{scale}" / f"{name}x{scale}.png")
+        lr = D.bicubic_downscale(hr, scale)
+        d = _diff(lr, ref)
+        assert d.max() == 0, f"{name} x{scale}: {np.count_nonzero(d)} pixels differ, max {d.max()}"
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_imresize_replicate_matches_rnan_lrbi(data_dir, scale):
+    """RNAN's own LRBI files differ from current MATLAB only in a 2-pixel frame: they were made
+    with edge replication, which padding="replicate" reproduces bit-exactly."""
+    ref_dir = data_dir / "Set5" / "RNAN_reference"
+    for name in SET5:
+        hr = D.read_image(ref_dir / "HR_modcrop" / f"x{scale}" / f"{name}_HR_x{scale}.png")
+        assert np.array_equal(D.modcrop(hr, scale), hr)
+        ref = _load(ref_dir / "LRBI" / f"x{scale}" / f"{name}_LRBI_x{scale}.png")
+        assert _diff(D.bicubic_downscale(hr, scale, padding="replicate"), ref).max() == 0, name
+        d = _diff(D.bicubic_downscale(hr, scale), ref)  # symmetric: interior identical
+        assert d[2:-2, 2:-2].max() == 0, name
+
+
+def test_imresize_rounds_after_each_pass():
+    """uint8 in: each 1-D pass rounds to uint8 (MATLAB); differs from a float path + one rounding."""
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)
+    out = imresize(img, 0.5)
+    assert out.dtype == np.uint8 and out.shape == (20, 18, 3)
+    f = imresize(img.astype(np.float64), 0.5)
+    assert f.dtype == np.float64
+    assert _diff(out, np.clip(round_half_away(f), 0, 255).astype(np.uint8)).max() <= 1
+
+
+def test_imresize_basic_properties():
+    const = np.full((30, 21), 77, dtype=np.uint8)
+    assert np.array_equal(imresize(const, 1 / 3), np.full((10, 7), 77, np.uint8))
+    assert imresize(const, 2).shape == (60, 42)
+    w, idx = contributions(12, 6, 0.5)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0)
+    assert idx.min() >= 0 and idx.max() <= 11
+    # upscaling interpolates: the even samples of a 2x upscale of a linear ramp lie on the ramp
+    ramp = np.tile(np.arange(16, dtype=np.float64), (4, 1))
+    up = imresize(ramp, 2)
+    np.testing.assert_allclose(up[:, 4:-4], np.tile(np.arange(4, 28) / 2 - 0.25, (8, 1)), atol=1e-12)
+    with pytest.raises(ValueError):
+        imresize(const, 0.5, padding="zero")
+
+
+# --------------------------------------------------------------------------- colour and degradations
+
+def test_rgb_to_y_and_gray():
+    rgb = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255], [0, 0, 0]]], dtype=np.uint8)
+    y = D.rgb_to_y(rgb)
+    expected = np.floor(np.array([65.481, 128.553, 24.966, 219.0, 0.0]) + 16 + 0.5)
+    assert y.dtype == np.uint8 and np.array_equal(y[0], expected)
+    np.testing.assert_allclose(D.rgb_to_y(rgb, rounded=False)[0], [81.481, 144.553, 40.966, 235.0, 16.0])
+    g = D.to_gray(rgb)
+    assert np.array_equal(g, np.array(Image.fromarray(rgb).convert("L")))
+    assert D.to_gray(g) is g
+    assert D.to_rgb(g).shape == (1, 5, 3)
+
+
+def test_mosaic_grbg():
+    img = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3) + 1
+    m = D.mosaic(img)
+    kept = m != 0
+    assert kept.sum(axis=2).max() == 1 and kept.sum() == 16  # one sample per pixel
+    assert np.array_equal(m[0, 0], [0, img[0, 0, 1], 0])      # G
+    assert np.array_equal(m[0, 1], [img[0, 1, 0], 0, 0])      # R
+    assert np.array_equal(m[1, 0], [0, 0, img[1, 0, 2]])      # B
+    assert np.array_equal(m[1, 1], [0, img[1, 1, 1], 0])      # G
+    assert np.array_equal(m[2:, 2:], D.mosaic(img[2:, 2:]))
+
+
+def test_gaussian_noise_seeded_unclipped():
+    img = np.full((16, 16), 250, dtype=np.uint8)
+    a = D.add_gaussian_noise(img, 50, seed=D.noise_seed(0, 3))
+    b = D.add_gaussian_noise(img, 50, seed=3)
+    assert a.dtype == np.float64 and np.array_equal(a, b)
+    assert a.max() > 255 and not np.allclose(a, np.round(a))  # not clipped, not rounded
+    expected = 250 + 50 * np.random.default_rng(3).standard_normal((16, 16))
+    np.testing.assert_array_equal(a, expected)
+    q = D.add_gaussian_noise(img, 50, seed=3, quantize=True)
+    assert q.dtype == np.uint8 and np.array_equal(q, D.to_uint8(a))
+    assert not np.array_equal(a, D.add_gaussian_noise(img, 50, seed=4))
+
+
+def test_jpeg_and_modcrop():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (33, 35), dtype=np.uint8)
+    j = D.jpeg(img, 10)
+    assert j.shape == img.shape and j.dtype == np.uint8
+    assert psnr(img, D.jpeg(img, 95)) > psnr(img, j)
+    with pytest.raises(ValueError):
+        D.jpeg(np.zeros((8, 8, 3), np.uint8), 10)
+    assert D.modcrop(img, 4).shape == (32, 32)
+
+
+def test_read_image_modes_and_errors(tmp_path):
+    rgba = np.zeros((5, 6, 4), np.uint8)
+    rgba[..., 0] = 200
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    assert D.read_image(tmp_path / "a.png").shape == (5, 6, 3)
+    Image.fromarray(np.zeros((5, 6), np.uint8)).convert("P").save(tmp_path / "p.png")
+    assert D.read_image(tmp_path / "p.png").shape in ((5, 6), (5, 6, 3))
+    Image.fromarray((np.arange(30).reshape(5, 6) * 2000).astype(np.uint16)).save(tmp_path / "i16.png")
+    i16 = D.read_image(tmp_path / "i16.png")
+    assert i16.dtype == np.uint8 and i16.shape == (5, 6)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(D.ImageReadError, match="bad.png"):
+        D.read_image(tmp_path / "bad.png")
+    good = tmp_path / "t.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 9).save(good)
+    (tmp_path / "trunc.png").write_bytes(good.read_bytes()[:60])
+    with pytest.raises(D.ImageReadError, match="trunc.png"):
+        D.read_image(tmp_path / "trunc.png")
+    with pytest.raises(D.ImageReadError, match="missing.png"):
+        D.read_image(tmp_path / "missing.png")
+    assert isinstance(D.ImageReadError("x"), ValueError)
+
+
+def test_write_png_atomic(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    out = tmp_path / "x.png"
+    D.write_png_atomic(out, img)
+    D.write_png_atomic(out, img[..., 0])  # replaces
+    assert np.array_equal(D.read_image(out), img[..., 0])
+    assert os.listdir(tmp_path) == ["x.png"]
+    assert (out.stat().st_mode & 0o777) == 0o666 & ~_umask()
+    with pytest.raises(TypeError):
+        D.write_png_atomic(tmp_path / "f.png", img.astype(np.float32))
+    assert os.listdir(tmp_path) == ["x.png"]
+
+
+def _umask():
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+# --------------------------------------------------------------------------- metrics
+
+def _ssim_direct(a, b):
+    """Unoptimised SSIM straight from the formula (2-D window, explicit windows) for checking."""
+    g = gaussian_window()
+    w = np.outer(g, g)
+    win = np.lib.stride_tricks.sliding_window_view
+    A, B = win(a.astype(float), (11, 11)), win(b.astype(float), (11, 11))
+    mu1, mu2 = (A * w).sum((-1, -2)), (B * w).sum((-1, -2))
+    s1 = (A * A * w).sum((-1, -2)) - mu1 ** 2
+    s2 = (B * B * w).sum((-1, -2)) - mu2 ** 2
+    s12 = (A * B * w).sum((-1, -2)) - mu1 * mu2
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    return (((2 * mu1 * mu2 + c1) * (2 * s12 + c2)) / ((mu1 ** 2 + mu2 ** 2 + c1) * (s1 + s2 + c2))).mean()
+
+
+def test_ssim_and_psnr_definitions():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (30, 27)).astype(np.uint8)
+    b = np.clip(a + rng.normal(0, 20, a.shape), 0, 255).round().astype(np.uint8)
+    assert ssim(a, a) == pytest.approx(1.0)
+    assert ssim(a, b) == pytest.approx(_ssim_direct(a, b), abs=1e-12)
+    g = gaussian_window()
+    assert g.sum() == pytest.approx(1.0) and np.argmax(g) == 5
+    assert psnr(a, a) == float("inf")
+    assert psnr(a, b) == pytest.approx(10 * np.log10(255 ** 2 / np.mean((a.astype(float) - b) ** 2)))
+    # colour: MSE averaged over channels; SSIM averaged over channels
+    a3 = np.stack([a, b, a], 2)
+    b3 = np.stack([b, b, a], 2)
+    mse = np.mean([((a.astype(float) - b) ** 2).mean(), 0, 0])
+    assert psnr(a3, b3) == pytest.approx(10 * np.log10(255 ** 2 / mse))
+    assert ssim(a3, b3) == pytest.approx((ssim(a, b) + 2) / 3)
+    # border removal
+    assert psnr(a, b, border=3) == pytest.approx(psnr(a[3:-3, 3:-3], b[3:-3, 3:-3]))
+    with pytest.raises(ValueError):
+        ssim(a[:10], b[:10])
+
+
+def test_evaluate_protocols():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (24, 24, 3)).astype(np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-9, 10, a.shape), 0, 255).astype(np.uint8)
+    p, s = evaluate(a, b, "sr", 2)
+    ya, yb = D.rgb_to_y(a, rounded=False), D.rgb_to_y(b, rounded=False)
+    assert p == pytest.approx(psnr(ya, yb, 2)) and s == pytest.approx(ssim(ya, yb, 2))
+    assert evaluate(a, b, "car", with_ssim=False) == (pytest.approx(psnr(D.rgb_to_y(a), D.rgb_to_y(b))), None)
+    assert evaluate(a, b, "denoise_rgb")[0] == pytest.approx(psnr(a, b))
+    with pytest.raises(ValueError):
+        evaluate(a, b, "deblur")
+
+
+# --------------------------------------------------------------------------- baseline rows of the README
+
+@pytest.mark.parametrize("folder,expected", [
+    ("LIVE1", [27.77, 30.07, 31.41, 32.35]),
+    ("Classic5", [27.82, 30.12, 31.48, 32.43]),
+])
+def test_jpeg_only_psnr(data_dir, folder, expected):
+    ys = [D.rgb_to_y(D.read_image(p)) for p in D.list_images(data_dir / folder)]
+    assert len(ys) == {"LIVE1": 29, "Classic5": 5}[folder]
+    for q, want in zip((10, 20, 30, 40), expected):
+        got = np.mean([psnr(y, D.jpeg(y, q)) for y in ys])
+        assert abs(got - want) <= 0.01, f"{folder} q{q}: {got:.4f} vs {want}"
+
+
+@pytest.mark.parametrize("folder,expected", [("McMaster", 9.17), ("Kodak24", 8.56), ("CBSD68", 8.43)])
+def test_mosaiced_psnr(data_dir, folder, expected):
+    imgs = [D.to_rgb(D.read_image(p)) for p in D.list_images(data_dir / folder)]
+    got = np.mean([psnr(i, D.mosaic(i)) for i in imgs])
+    assert abs(got - expected) <= 0.01, f"{folder}: {got:.4f} vs {expected}"
+
+
+@pytest.mark.parametrize("folder,scale,expected", [
+    ("Set5/HR", 2, 33.66), ("Set5/HR", 4, 28.42), ("Set14", 2, 30.24), ("Set14", 4, 26.00),
+])
+def test_bicubic_psnr(data_dir, folder, scale, expected):
+    vals = []
+    for p in D.list_images(data_dir / folder):
+        hr = D.modcrop(D.read_image(p), scale)
+        up = D.bicubic_upscale(D.bicubic_downscale(D.to_rgb(hr), scale), scale)
+        if hr.ndim == 2:  # Set14's bridge is 1-channel: scored on its gray values
+            vals.append(psnr(hr, up[..., 0], scale))
+        else:
+            vals.append(evaluate(hr, up, "sr", scale, with_ssim=False)[0])
+    got = np.mean(vals)
+    assert abs(got - expected) <= 0.03, f"{folder} x{scale}: {got:.4f} vs {expected}"
