@@ -1,0 +1,231 @@
+"""Whole-image, tiled, chopped and self-ensembled inference for image-to-image models.
+
+Every function takes a `model` mapping (B, C, H, W) to (B, C', s*H, s*W) (s: the model's scale;
+1 for denoising, CAR and demosaicking) and a float tensor x of shape (B, C, H, W) on the model's
+device, values on the model's scale (0..255 for RNAN). They return (B, C', s*H, s*W) and run
+no autograd of their own: call them under torch.inference_mode() (``restore_tensor`` does).
+
+- whole image (default): ``model(x)``.
+- ``forward_tiled``: overlapping square tiles of side `tile` (input pixels), neighbours overlapping
+  by at least `overlap`; each output pixel comes from exactly one tile, the one whose interior it
+  lies in (the seam sits in the middle of each overlap, so every kept pixel is at least
+  overlap // 2 input pixels from a cut edge). For a model whose receptive field reaches at most
+  overlap // 2 pixels, the result equals whole-image inference exactly. Any image size; the last
+  tile in each row/column is shifted back to end at the border; images no larger than one tile
+  run whole.
+- ``forward_chop``: the official RNAN ``forward_chop``: split into four overlapping quadrants
+  whose sides are ``4 * floor((side // 2) / 4) + 12`` (the "adaptive shave": a multiple of 4
+  plus a 12-pixel margin), recurse into a quadrant while its area is at least `min_size`
+  (10,000 pixels for scale 1, 30,000 for SR, the official defaults), run the model on each
+  quadrant, and paste the quadrants' outer parts at the split lines. The official code always
+  splits at least once; unlike the official code, a quadrant side is capped at the image side,
+  so that tiny images (side < 24) do not produce wrong-sized slices.
+- ``forward_x8``: the official self-ensemble (RNAN+): the model runs on the 8 flips/transposes
+  of x (index i: bit 0 flips W, bit 1 flips H, bit 2 transposes H and W, applied in that order),
+  each output is mapped back by the inverse transform, and the 8 are averaged.
+
+``restore_tensor`` combines them; ``restore_image`` wraps it for uint8 numpy images.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["model_scale", "model_colors", "forward_tiled", "forward_chop", "forward_x8",
+           "restore_tensor", "restore_image", "DTYPES"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+Forward = Callable[[Tensor], Tensor]
+
+
+def _config_value(model, key: str, default):
+    cfg = getattr(model, "config", None)
+    if isinstance(cfg, dict) and key in cfg:
+        value = cfg[key]
+    elif cfg is not None and hasattr(cfg, key):
+        value = getattr(cfg, key)
+    else:
+        value = getattr(model, key, default)
+    if isinstance(value, (list, tuple)):
+        value = value[0]
+    return value
+
+
+def model_scale(model) -> int:
+    """The model's upscaling factor: config["scale"] or .scale (first entry of a list), else 1."""
+    return int(_config_value(model, "scale", 1))
+
+
+def model_colors(model) -> int | None:
+    """The model's input channels: config["n_colors"] or .n_colors, else None (unknown)."""
+    value = _config_value(model, "n_colors", None)
+    return None if value is None else int(value)
+
+
+# --------------------------------------------------------------------------- tiles
+
+def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return starts
+
+
+def _owned(starts: list[int], tile: int, length: int) -> list[tuple[int, int]]:
+    """[lo, hi) of the input range each tile contributes: seams in the middle of each overlap."""
+    size = min(tile, length)
+    bounds = [0]
+    for a, b in zip(starts[:-1], starts[1:]):
+        bounds.append((b + a + size) // 2)
+    bounds.append(length)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def forward_tiled(model: Forward, x: Tensor, tile: int, overlap: int = 32, scale: int = 1) -> Tensor:
+    """Tiled inference. x: (B, C, H, W) -> (B, C', scale*H, scale*W).
+
+    tile: tile side in input pixels (>= 1); overlap: minimum overlap of neighbouring tiles in
+    input pixels (0 <= overlap < tile). Tiles run one at a time (peak memory of one tile).
+    """
+    tile, overlap, scale = int(tile), int(overlap), int(scale)
+    if tile < 1:
+        raise ValueError(f"tile must be a positive number of pixels, got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must satisfy 0 <= overlap < tile ({tile}), got {overlap}")
+    _, _, h, w = x.shape
+    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+    if len(ys) == 1 and len(xs) == 1:
+        return model(x)
+    th, tw = min(tile, h), min(tile, w)
+    out = None
+    for y0, (ylo, yhi) in zip(ys, _owned(ys, tile, h)):
+        for x0, (xlo, xhi) in zip(xs, _owned(xs, tile, w)):
+            piece = model(x[:, :, y0:y0 + th, x0:x0 + tw])
+            if piece.shape[-2:] != (th * scale, tw * scale):
+                raise ValueError(f"the model maps a {th}x{tw} tile to {tuple(piece.shape[-2:])}, expected "
+                                 f"{th * scale}x{tw * scale} (scale {scale})")
+            if out is None:
+                out = piece.new_empty(x.shape[0], piece.shape[1], h * scale, w * scale)
+            out[:, :, ylo * scale:yhi * scale, xlo * scale:xhi * scale] = \
+                piece[:, :, (ylo - y0) * scale:(yhi - y0) * scale, (xlo - x0) * scale:(xhi - x0) * scale]
+    return out
+
+
+# --------------------------------------------------------------------------- official chop
+
+CHOP_SHAVE_MULTIPLE = 4   # the official "shave_scale": down/up-sampling factor in the mask branch
+CHOP_MARGIN = 12          # the official "shave_size_max"
+
+
+def chop_min_size(scale: int) -> int:
+    """The official forward_chop threshold (quadrant area): 10,000 for scale 1, 30,000 for SR."""
+    return 10000 if int(scale) == 1 else 30000
+
+
+def forward_chop(model: Forward, x: Tensor, scale: int = 1, min_size: int | None = None) -> Tensor:
+    """The official recursive quadrant inference. x: (B, C, H, W) -> (B, C', scale*H, scale*W)."""
+    scale = int(scale)
+    min_size = chop_min_size(scale) if min_size is None else int(min_size)
+    _, _, h, w = x.shape
+    h_half, w_half = h // 2, w // 2
+    h_size = min(h, (h_half // CHOP_SHAVE_MULTIPLE) * CHOP_SHAVE_MULTIPLE + CHOP_MARGIN)
+    w_size = min(w, (w_half // CHOP_SHAVE_MULTIPLE) * CHOP_SHAVE_MULTIPLE + CHOP_MARGIN)
+    quads = [x[:, :, :h_size, :w_size], x[:, :, :h_size, w - w_size:],
+             x[:, :, h - h_size:, :w_size], x[:, :, h - h_size:, w - w_size:]]
+    if h_size * w_size < min_size or (h_size == h and w_size == w):
+        outs = [model(q) for q in quads]
+    else:
+        outs = [forward_chop(model, q, scale, min_size) for q in quads]
+    H, W, hh, wh, hs, ws = (scale * v for v in (h, w, h_half, w_half, h_size, w_size))
+    out = outs[0].new_empty(x.shape[0], outs[0].shape[1], H, W)
+    out[:, :, :hh, :wh] = outs[0][:, :, :hh, :wh]
+    out[:, :, :hh, wh:] = outs[1][:, :, :hh, ws - W + wh:]
+    out[:, :, hh:, :wh] = outs[2][:, :, hs - H + hh:, :wh]
+    out[:, :, hh:, wh:] = outs[3][:, :, hs - H + hh:, ws - W + wh:]
+    return out
+
+
+# --------------------------------------------------------------------------- self-ensemble
+
+def _transform(v: Tensor, i: int) -> Tensor:
+    if i & 1:
+        v = v.flip(-1)
+    if i & 2:
+        v = v.flip(-2)
+    if i & 4:
+        v = v.transpose(-2, -1)
+    return v
+
+
+def _untransform(v: Tensor, i: int) -> Tensor:
+    if i & 4:
+        v = v.transpose(-2, -1)
+    if i & 2:
+        v = v.flip(-2)
+    if i & 1:
+        v = v.flip(-1)
+    return v
+
+
+def forward_x8(forward: Forward, x: Tensor) -> Tensor:
+    """Self-ensemble: mean over the 8 dihedral transforms. x: (B, C, H, W) -> forward's shape.
+
+    The mean is accumulated in float32 (float64 stays float64) and returned in the outputs' dtype.
+    """
+    acc, out_dtype = None, None
+    for i in range(8):
+        y = _untransform(forward(_transform(x, i).contiguous()), i)
+        out_dtype = y.dtype
+        y = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
+        acc = y.clone() if acc is None else acc.add_(y)
+    return (acc / 8).to(out_dtype)
+
+
+# --------------------------------------------------------------------------- entry points
+
+def restore_tensor(model, x: Tensor, tile: int | None = None, overlap: int = 32, chop: bool = False,
+                   self_ensemble: bool = False, scale: int | None = None,
+                   chop_min: int | None = None) -> Tensor:
+    """Restore a batch. x: (B, C, H, W) float on the model's device and dtype, 0..255 values;
+    returns (B, C', scale*H, scale*W) in the model's output dtype, unclamped.
+
+    tile: tiled inference with tiles of `tile` input pixels overlapping by `overlap` (None:
+    whole image). chop: the official forward_chop instead (not combinable with tile).
+    self_ensemble: average over the 8 flips/transposes (wraps whichever of the above runs).
+    scale: the model's scale (default: read from model.config / model.scale).
+    """
+    if tile is not None and chop:
+        raise ValueError("choose tiled inference (tile) or the official chop, not both")
+    if x.dim() != 4:
+        raise ValueError(f"expected a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    s = model_scale(model) if scale is None else int(scale)
+    if tile is not None:
+        def forward(v):
+            return forward_tiled(model, v, tile, overlap, s)
+    elif chop:
+        def forward(v):
+            return forward_chop(model, v, s, chop_min)
+    else:
+        forward = model
+    with torch.inference_mode():
+        return forward_x8(forward, x) if self_ensemble else forward(x)
+
+
+def restore_image(model, img: np.ndarray, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32, **kwargs) -> np.ndarray:
+    """Restore one image. img: (H, W) or (H, W, C) array on the 0..255 scale (uint8 or float);
+    returns uint8 (H', W') or (H', W', C') (H' = scale*H), rounded half away from zero and clamped
+    to 0..255. The model must already be on `device` in `dtype`; kwargs go to restore_tensor."""
+    a = np.asarray(img, dtype=np.float32)
+    gray = a.ndim == 2
+    t = torch.from_numpy(np.ascontiguousarray(a[None, None] if gray else a.transpose(2, 0, 1)[None]))
+    t = t.to(device=device, dtype=dtype)
+    y = restore_tensor(model, t, **kwargs)[0].float().cpu().numpy().astype(np.float64)
+    y = np.clip(np.sign(y) * np.floor(np.abs(y) + 0.5), 0, 255).astype(np.uint8)
+    return y[0] if y.shape[0] == 1 else y.transpose(1, 2, 0)

@@ -1,0 +1,241 @@
+"""Tiled inference, the official forward_chop and self-ensemble (rnan_fast.inference)."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rnan_fast.inference import (chop_min_size, forward_chop, forward_tiled, forward_x8, model_colors, model_scale,
+                                 restore_image, restore_tensor)
+
+
+class LocalNet(nn.Module):
+    """Three 3x3 convs (receptive radius 3), then an optional pixel shuffle: a purely local model."""
+
+    def __init__(self, scale=1, colors=3, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.scale = scale
+        self.body = nn.Sequential(nn.Conv2d(colors, 8, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(8, colors * scale * scale, 3, padding=1))
+        self.up = nn.PixelShuffle(scale)
+
+    def forward(self, x):
+        return self.up(self.body(x)).double()
+
+
+class Counting(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls, self.shapes = inner, 0, []
+
+    @property
+    def scale(self):
+        return self.inner.scale
+
+    def forward(self, x):
+        self.calls += 1
+        self.shapes.append(tuple(x.shape[-2:]))
+        return self.inner(x)
+
+
+def _x(h, w, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, c, h, w, generator=g) * 255
+
+
+@pytest.mark.parametrize("scale", [1, 2, 3])
+@pytest.mark.parametrize("size", [(37, 53), (16, 16), (64, 21)])
+def test_tiled_equals_whole_for_local_model(scale, size):
+    net = LocalNet(scale).double().eval()
+    x = _x(*size).double()
+    with torch.no_grad():
+        whole = net(x)
+        for tile, overlap in ((16, 6), (20, 8), (9, 6)):
+            tiled = forward_tiled(net, x, tile, overlap, scale)
+            assert tiled.shape == whole.shape
+            torch.testing.assert_close(tiled, whole, rtol=1e-12, atol=1e-10, msg=str((tile, overlap)))
+
+
+def test_tiled_identity_reconstructs_exactly_and_counts_tiles():
+    ident = Counting(nn.Identity())
+    ident.inner.scale = 1
+    x = _x(50, 31)
+    y = forward_tiled(ident, x, tile=16, overlap=4)
+    assert torch.equal(y, x)
+    assert ident.calls == 4 * 3 and set(ident.shapes) == {(16, 16)}
+    ident.calls = 0
+    assert torch.equal(forward_tiled(ident, x, tile=64, overlap=8), x) and ident.calls == 1  # one tile
+    with pytest.raises(ValueError):
+        forward_tiled(ident, x, tile=8, overlap=8)
+    with pytest.raises(ValueError):
+        forward_tiled(ident, x, tile=0, overlap=0)
+
+
+def test_tiled_overlap_too_small_differs():
+    net = LocalNet().double().eval()
+    x = _x(40, 40).double()
+    with torch.no_grad():
+        assert (forward_tiled(net, x, 16, 2) - net(x)).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------- official chop
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_chop_small_input_is_one_split_of_four_quadrants(scale):
+    """Below the threshold the official chop runs the model once per quadrant (no recursion)."""
+    net = Counting(LocalNet(scale).double().eval())
+    x = _x(30, 42).double()
+    with torch.no_grad():
+        y = forward_chop(net, x, scale)
+        assert net.calls == 4
+        # quadrant sides: 4 * floor((side // 2) / 4) + 12
+        assert set(net.shapes) == {(4 * (15 // 4) + 12, 4 * (21 // 4) + 12)}
+        torch.testing.assert_close(y, net.inner(x), rtol=1e-12, atol=1e-10)  # local model: margin >= 9 pixels covers its radius 3
+
+
+def test_chop_matches_manual_quadrant_assembly_for_a_global_model():
+    """A model that is not local (adds its input's global mean): the output is assembled from the
+    four quadrant outputs exactly as the official code pastes them."""
+
+    class Global(nn.Module):
+        scale = 1
+
+        def forward(self, x):
+            return x + x.mean(dim=(-1, -2), keepdim=True)
+
+    x = _x(26, 34).double()
+    y = forward_chop(Global(), x)
+    hs, ws = 4 * (13 // 4) + 12, 4 * (17 // 4) + 12
+    q = [x[..., :hs, :ws], x[..., :hs, -ws:], x[..., -hs:, :ws], x[..., -hs:, -ws:]]
+    o = [Global()(v) for v in q]
+    assert torch.equal(y[..., :13, :17], o[0][..., :13, :17])
+    assert torch.equal(y[..., :13, 17:], o[1][..., :13, ws - 17:])
+    assert torch.equal(y[..., 13:, :17], o[2][..., hs - 13:, :17])
+    assert torch.equal(y[..., 13:, 17:], o[3][..., hs - 13:, ws - 17:])
+
+
+def test_chop_recurses_on_large_inputs():
+    net = Counting(LocalNet(1).double().eval())
+    x = _x(256, 200).double()
+    with torch.no_grad():
+        y = forward_chop(net, x, 1)  # quadrant 140x112 >= 10,000 pixels: recurse once more
+        assert net.calls == 16 and max(h * w for h, w in net.shapes) < 10000
+        torch.testing.assert_close(y, net.inner(x), rtol=1e-12, atol=1e-10)
+    net.calls = 0
+    with torch.no_grad():
+        forward_chop(net, x, 1, min_size=chop_min_size(2))  # SR threshold: quadrants of 15,680 run directly
+    assert net.calls == 4 and chop_min_size(1) == 10000 and chop_min_size(4) == 30000
+
+
+def test_chop_tiny_images_keep_their_size():
+    net = LocalNet(1).double().eval()
+    for h, w in ((5, 7), (1, 1), (23, 24)):
+        x = _x(h, w).double()
+        with torch.no_grad():
+            torch.testing.assert_close(forward_chop(net, x), net(x), rtol=1e-12, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- self-ensemble
+
+def test_self_ensemble_is_mean_of_transforms():
+    class PositionDependent(nn.Module):  # deliberately not flip-equivariant
+        scale = 2
+
+        def forward(self, x):
+            h, w = x.shape[-2:]
+            ramp = torch.arange(h * w, dtype=x.dtype).reshape(h, w)
+            y = x * 1.5 + ramp
+            return torch.nn.functional.interpolate(y, scale_factor=2, mode="nearest")
+
+    m = PositionDependent()
+    x = _x(5, 7).double()
+    got = forward_x8(m, x)
+    a = x.numpy()
+    outs = []
+    for t in (False, True):
+        for fh in (False, True):
+            for fw in (False, True):
+                v = a
+                if fw:
+                    v = v[..., ::-1]
+                if fh:
+                    v = v[..., ::-1, :]
+                if t:
+                    v = v.swapaxes(-1, -2)
+                o = m(torch.from_numpy(v.copy())).numpy()
+                if t:
+                    o = o.swapaxes(-1, -2)
+                if fh:
+                    o = o[..., ::-1, :]
+                if fw:
+                    o = o[..., ::-1]
+                outs.append(o)
+    np.testing.assert_allclose(got.numpy(), np.mean(outs, axis=0), rtol=0, atol=1e-12)
+    assert got.shape == (1, 3, 10, 14)
+    ident = nn.Identity()
+    assert torch.allclose(forward_x8(ident, x), x, rtol=0, atol=1e-12)
+
+
+def test_restore_tensor_options_and_model_helpers():
+    net = LocalNet(2).double().eval()
+    x = _x(20, 18).double()
+    whole = restore_tensor(net, x)
+    assert whole.shape == (1, 3, 40, 36)
+    torch.testing.assert_close(restore_tensor(net, x, tile=12, overlap=8), whole, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(restore_tensor(net, x, chop=True), whole, rtol=1e-12, atol=1e-10)
+    ens = restore_tensor(net, x, tile=12, overlap=8, self_ensemble=True)
+    assert torch.allclose(ens, restore_tensor(net, x, self_ensemble=True), atol=1e-9)
+    with pytest.raises(ValueError, match="not both"):
+        restore_tensor(net, x, tile=8, chop=True)
+    assert model_scale(net) == 2 and model_colors(net) is None
+
+    class Cfg(nn.Module):
+        config = {"scale": [3], "n_colors": 1}
+
+    assert model_scale(Cfg()) == 3 and model_colors(Cfg()) == 1
+
+
+def test_restore_image_rounds_and_clamps():
+    class Affine(nn.Module):
+        scale = 1
+
+        def forward(self, x):
+            return x * 2 - 100.25
+
+    img = np.array([[0, 50, 100, 200], [10, 60, 178, 255]], dtype=np.uint8)
+    out = restore_image(Affine(), img)
+    expected = np.clip(np.floor(img.astype(float) * 2 - 100.25 + 0.5), 0, 255)
+    assert out.dtype == np.uint8 and np.array_equal(out, expected)
+    rgb = np.stack([img, img, img], 2)
+    assert restore_image(Affine(), rgb).shape == (2, 4, 3)
+
+
+def test_rnan_whole_tiled_chop_ensemble_run():
+    """The real model through every path on a small input (shapes, finiteness, determinism)."""
+    rnan_fast = pytest.importorskip("rnan_fast")
+    if not hasattr(rnan_fast, "RNAN"):
+        from rnan_fast.model import RNAN
+    else:
+        RNAN = rnan_fast.RNAN
+    torch.manual_seed(0)
+    net = RNAN(n_colors=3, scale=2, n_feats=8, n_resgroups=2).eval()
+    assert model_scale(net) == 2 and model_colors(net) == 3
+    x = _x(18, 22)
+    whole = restore_tensor(net, x)
+    assert whole.shape == (1, 3, 36, 44) and torch.isfinite(whole).all()
+    assert torch.equal(restore_tensor(net, x), whole)
+    tiled = restore_tensor(net, x, tile=16, overlap=6)
+    assert tiled.shape == whole.shape and torch.isfinite(tiled).all()
+    # the chop of an input below the threshold = the four quadrant outputs pasted together
+    x = _x(26, 30)
+    chop = restore_tensor(net, x, chop=True)
+    hs, ws = 4 * (13 // 4) + 12, 4 * (15 // 4) + 12
+    with torch.no_grad():
+        q0 = net(x[..., :hs, :ws])
+        q3 = net(x[..., -hs:, -ws:])
+    assert chop.shape == (1, 3, 52, 60)
+    assert torch.allclose(chop[..., :26, :30], q0[..., :26, :30], atol=1e-4)
+    assert torch.allclose(chop[..., 26:, 30:], q3[..., 2 * hs - 26:, 2 * ws - 30:], atol=1e-4)
+    ens = restore_tensor(net, x, self_ensemble=True)
+    assert ens.shape == chop.shape and torch.isfinite(ens).all()
