@@ -149,6 +149,7 @@ class TrainStep:
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps the same Parameters
+        model.train()
         self._forward = torch.compile(model, dynamic=False) if compile else model
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: tuple[Tensor, Tensor, Tensor] | None = None  # lr buffer, hr buffer, loss
@@ -159,6 +160,10 @@ class TrainStep:
                 group["capturable"] = True
                 if not isinstance(group["lr"], Tensor):
                     group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+                for p in group["params"]:  # state from earlier non-capturable steps: counters onto the GPU
+                    state = optimizer.state.get(p, {})
+                    if isinstance(state.get("step"), Tensor) and state["step"].device != device:
+                        state["step"] = state["step"].to(device)
 
     @property
     def captured(self) -> bool:
@@ -171,12 +176,15 @@ class TrainStep:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 
-    def _prepare(self, name: str, t: Tensor) -> Tensor:
+    @staticmethod
+    def _check_batch(name: str, t: Tensor) -> None:
         if not isinstance(t, Tensor):
             raise TypeError(f"train step: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4 or not t.is_floating_point():
             raise ValueError(f"train step: {name} must be a floating (B, C, H, W) tensor, got "
                              f"shape {tuple(t.shape)} and dtype {t.dtype}")
+
+    def _prepare(self, t: Tensor) -> Tensor:
         return t.to(device=self.device, dtype=self.dtype, memory_format=self._memory_format, non_blocking=True)
 
     def _loss(self, lr_batch: Tensor, hr_batch: Tensor) -> Tensor:
@@ -228,16 +236,17 @@ class TrainStep:
         self._graph, self._static = graph, (static_lr, static_hr, static_loss.detach())
 
     def __call__(self, lr_batch: Tensor, hr_batch: Tensor) -> Tensor:
-        lr_batch = self._prepare("lr_batch", lr_batch)
-        hr_batch = self._prepare("hr_batch", hr_batch)
+        self._check_batch("lr_batch", lr_batch)
+        self._check_batch("hr_batch", hr_batch)
         if lr_batch.shape[0] != hr_batch.shape[0]:
             raise ValueError(f"train step: lr_batch {tuple(lr_batch.shape)} and hr_batch "
                              f"{tuple(hr_batch.shape)} have different batch sizes")
-        self.model.train()
+        if not self.model.training:  # checked on the top module only: train() walks every submodule
+            self.model.train()
         if not self.uses_cuda_graph:
-            return self._eager_step(lr_batch, hr_batch)
+            return self._eager_step(self._prepare(lr_batch), self._prepare(hr_batch))
         if self._graph is None:
-            self._capture(lr_batch, hr_batch)
+            self._capture(self._prepare(lr_batch), self._prepare(hr_batch))
         else:
             static_lr, static_hr, _ = self._static
             if lr_batch.shape != static_lr.shape or hr_batch.shape != static_hr.shape:
@@ -245,6 +254,7 @@ class TrainStep:
                                  f"{tuple(static_hr.shape)}, got lr {tuple(lr_batch.shape)} / hr "
                                  f"{tuple(hr_batch.shape)}; keep batches one shape (DataLoader drop_last=True) "
                                  "or use cuda_graph=False")
+            # copy_ converts device, dtype and layout on the way into the static buffers
             static_lr.copy_(lr_batch, non_blocking=True)
             static_hr.copy_(hr_batch, non_blocking=True)
         self._graph.replay()
@@ -266,7 +276,8 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: st
     cuda_graph: None = on exactly when the model is on CUDA; True on another device raises.
     compile: wrap the model's forward in torch.compile (default mode: Inductor fuses the
         elementwise glue; the CUDA graph, if any, is still captured here around the whole step).
-    The model is switched to train mode at every step; see TrainStep for the call signature.
+    The model is put in train mode (again at a step that finds it in eval mode); see TrainStep for
+    the call signature.
     """
     return TrainStep(model, optimizer, loss=loss, precision=precision, channels_last=channels_last,
                      cuda_graph=cuda_graph, compile=compile)
