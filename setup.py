@@ -10,6 +10,7 @@ Environment:
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -33,6 +34,12 @@ def extensions():
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     cxx = ["-O3"]  # the C++ standard comes from torch.utils.cpp_extension (C++20 from torch 2.13 on)
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is inline and only runs in parallel when compiled with OpenMP; at load
+        # time libgomp.so.1 resolves to the one torch has already loaded (one OpenMP runtime).
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     cuda_home = _cuda_home()
     if cuda_home and cu:
         os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension when it compiles
@@ -41,8 +48,9 @@ def extensions():
             "rnan_fast._C", cpp + cu,
             define_macros=[("RNAN_FAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
+            extra_link_args=link,
         )]
-    return [CppExtension("rnan_fast._C", cpp, extra_compile_args={"cxx": cxx})]
+    return [CppExtension("rnan_fast._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
 
 
 setup(
