@@ -1,0 +1,292 @@
+"""The rnan-fast command line: restore, eval and bench, end to end on the CPU.
+
+Tiny random-weight checkpoints (n_feats=8, n_resgroups=2) and small crops of the shared test
+images (written to tmp folders, never into the repository) keep this fast.
+"""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rnan_fast import cli
+from rnan_fast import data as D
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rnan():
+    import rnan_fast
+
+    if hasattr(rnan_fast, "RNAN"):
+        return rnan_fast.RNAN
+    from rnan_fast.model import RNAN
+
+    return RNAN
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory):
+    """Tiny checkpoints: gray (scale 1), rgb (scale 1), sr2 (RGB, scale 2); plus broken files."""
+    RNAN = _rnan()
+    d = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for name, colors, scale in (("gray", 1, 1), ("rgb", 3, 1), ("sr2", 3, 2)):
+        torch.manual_seed({"gray": 1, "rgb": 2, "sr2": 3}[name])
+        net = RNAN(n_colors=colors, scale=scale, n_feats=8, n_resgroups=2)
+        # random (not zero-initialised) W so that the non-local path matters
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        out[name] = d / f"{name}.pt"
+        torch.save(net.state_dict(), out[name])
+    out["garbage"] = d / "garbage.pt"
+    out["garbage"].write_bytes(b"this is not a checkpoint")
+    sd = torch.load(out["rgb"], weights_only=True)
+    sd.pop(next(iter(sd)))
+    sd["extra.weight"] = torch.zeros(1)
+    out["wrong"] = d / "wrong.pt"
+    torch.save(sd, out["wrong"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def crops(data_dir, tmp_path_factory):
+    """Small crops of real test images: rgb/ (two colour, one gray), plus folders per eval task."""
+    root = tmp_path_factory.mktemp("crops")
+    rgb = root / "rgb"
+    rgb.mkdir()
+    Image.open(data_dir / "Kodak24" / "kodim01.png").crop((100, 100, 140, 130)).save(rgb / "kodim01.png")
+    Image.open(data_dir / "McMaster" / "1.png").crop((10, 20, 43, 47)).save(rgb / "mcm1.png")
+    Image.open(data_dir / "Set12" / "01.png").crop((0, 0, 36, 28)).save(rgb / "set12_01.png")
+    evals = root / "eval"
+    evals.mkdir()
+    for i, name in enumerate(("kodim03.png", "kodim05.png")):
+        Image.open(data_dir / "Kodak24" / name).crop((200, 150, 224, 174)).save(evals / f"k{i}.png")
+    return {"rgb": rgb, "eval": evals, "root": root}
+
+
+def _run(argv, capsys=None):
+    code = cli.main([str(a) for a in argv])
+    if capsys is None:
+        return code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --------------------------------------------------------------------------- restore
+
+def test_restore_subprocess_end_to_end(ckpts, crops, tmp_path):
+    outdir = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "rnan_fast", "restore", "--weights", ckpts["sr2"],
+                           "-o", outdir, crops["rgb"] / "set12_01.png"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert os.listdir(outdir) == ["set12_01.png"]
+    assert Image.open(outdir / "set12_01.png").size == (72, 56)  # gray input, RGB SR model
+    assert Image.open(outdir / "set12_01.png").mode == "RGB"
+    # a user error: a message, no traceback, non-zero status
+    proc = subprocess.run([sys.executable, "-m", "rnan_fast", "restore", "--weights", tmp_path / "nope.pt",
+                           crops["rgb"]], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "weights file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_restore_folder_gray_model_matches_library(ckpts, crops, tmp_path, capsys):
+    from rnan_fast.inference import restore_image
+
+    outdir = tmp_path / "o"
+    code, _, err = _run(["restore", "--weights", ckpts["gray"], "-o", outdir, "--quiet", crops["rgb"]], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(outdir)) == ["kodim01.png", "mcm1.png", "set12_01.png"]
+    assert "convert('L')" in err
+    got = D.read_image(outdir / "kodim01.png")
+    assert got.shape == (30, 40)
+    net = _rnan().from_checkpoint(ckpts["gray"]).eval()
+    ref = restore_image(net, D.to_gray(D.read_image(crops["rgb"] / "kodim01.png")))
+    assert np.array_equal(got, ref)
+    assert (outdir / "mcm1.png").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask():
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+def test_restore_tile_and_chop_options(ckpts, crops, tmp_path, capsys):
+    img = crops["rgb"] / "kodim01.png"
+    code, _, err = _run(["restore", "--weights", ckpts["rgb"], "-o", tmp_path / "t", "--quiet",
+                         "--tile", 24, "--tile-overlap", 8, img], capsys)
+    assert code == 0, err
+    code, _, err = _run(["restore", "--weights", ckpts["rgb"], "-o", tmp_path / "c", "--quiet", "--chop", img], capsys)
+    assert code == 0, err
+    assert D.read_image(tmp_path / "t" / "kodim01.png").shape == (30, 40, 3)
+    code, _, err = _run(["restore", "--weights", ckpts["rgb"], "--tile", 8, "--tile-overlap", 8, img], capsys)
+    assert code == 2 and "--tile-overlap" in err
+    code, _, err = _run(["restore", "--weights", ckpts["rgb"], "--tile", 16, "--chop", img], capsys)
+    assert code == 2 and "exclude" in err
+
+
+def test_restore_corrupt_input_is_skipped(ckpts, crops, tmp_path, capsys):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "a.png").write_bytes((crops["rgb"] / "mcm1.png").read_bytes())
+    (inp / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (inp / "c.png").write_bytes((crops["rgb"] / "set12_01.png").read_bytes())
+    (inp / "notes.txt").write_text("ignored: not an image extension")
+    outdir = tmp_path / "out"
+    code, _, err = _run(["restore", "--weights", ckpts["rgb"], "-o", outdir, "--quiet", inp], capsys)
+    assert code == 1
+    assert "broken.png" in err and "Traceback" not in err
+    assert sorted(os.listdir(outdir)) == ["a.png", "c.png"]  # the others written, no temporaries
+
+
+def test_restore_refuses_existing_outputs_then_overwrites(ckpts, crops, tmp_path, capsys):
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    (outdir / "mcm1.png").write_bytes(b"keep me")
+    args = ["restore", "--weights", ckpts["rgb"], "-o", outdir, "--quiet",
+            crops["rgb"] / "kodim01.png", crops["rgb"] / "mcm1.png"]
+    code, _, err = _run(args, capsys)
+    assert code == 2 and "mcm1.png" in err and "already exists" in err and "--overwrite" in err
+    assert os.listdir(outdir) == ["mcm1.png"]  # checked up front: nothing written
+    assert (outdir / "mcm1.png").read_bytes() == b"keep me"
+    code, _, err = _run(args + ["--overwrite"], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(outdir)) == ["kodim01.png", "mcm1.png"]
+    assert D.read_image(outdir / "mcm1.png").shape == (27, 33, 3)
+
+
+def test_restore_user_errors(ckpts, crops, tmp_path, capsys):
+    img = crops["rgb"] / "mcm1.png"
+    cases = [
+        (["--weights", tmp_path / "missing.pt", img], "weights file not found"),
+        (["--weights", tmp_path, img], "directory"),
+        (["--weights", ckpts["garbage"], img], "garbage.pt"),
+        (["--weights", ckpts["wrong"], img], "wrong.pt"),
+        (["--weights", ckpts["rgb"], tmp_path / "no_such.png"], "input not found"),
+        (["--weights", ckpts["rgb"], tmp_path], "no input images found"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--weights", ckpts["rgb"], "--device", "cuda", img], "CUDA is not available"))
+    cases.append((["--weights", ckpts["rgb"], "--device", "tpu", img], "--device"))
+    for argv, needle in cases:
+        code, out, err = _run(["restore", "-o", tmp_path / "never"] + argv, capsys)
+        assert code == 2, (argv, err)
+        assert needle in err, (needle, err)
+        assert "Traceback" not in err
+        assert not (tmp_path / "never").exists()
+    # two inputs that would write one output name
+    other = tmp_path / "x" / "mcm1.jpg"
+    other.parent.mkdir()
+    Image.open(img).save(other)
+    code, _, err = _run(["restore", "--weights", ckpts["rgb"], "-o", tmp_path / "never", img, other], capsys)
+    assert code == 2 and "several inputs" in err
+    assert _run(["restore"], capsys)[0] == 2  # argparse usage error returns, does not raise
+    assert _run(["--version"], capsys)[0] == 0
+
+
+# --------------------------------------------------------------------------- eval
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_eval_baseline_rows(data_dir, tmp_path, capsys):
+    """The README's baseline rows through the command line (JPEG LIVE1 q10, bicubic Set5 x4)."""
+    code, out, err = _run(["eval", "--baseline", "--task", "car", "--quality", 10, "--data", data_dir / "LIVE1",
+                           "--no-ssim", "--quiet", "--csv", tmp_path / "car.csv"], capsys)
+    assert code == 0, err
+    rows = _read_csv(tmp_path / "car.csv")
+    assert len(rows) == 30 and rows[-1]["image"] == "mean"
+    assert abs(float(rows[-1]["psnr"]) - 27.77) <= 0.01
+    assert "mean" in out and "bikes.png" in out
+    code, out, err = _run(["eval", "--baseline", "--task", "sr", "--scale", 4, "--data", data_dir / "Set5",
+                           "--quiet", "--csv", tmp_path / "sr.csv"], capsys)
+    assert code == 0, err
+    rows = _read_csv(tmp_path / "sr.csv")
+    assert len(rows) == 6 and abs(float(rows[-1]["psnr"]) - 28.42) <= 0.03
+    assert 0.5 < float(rows[-1]["ssim"]) < 1
+    code, out, err = _run(["eval", "--baseline", "--task", "demosaic", "--data", data_dir / "McMaster",
+                           "--limit", 3, "--no-ssim", "--quiet", "--csv", tmp_path / "dm.csv"], capsys)
+    assert code == 0 and len(_read_csv(tmp_path / "dm.csv")) == 4
+
+
+@pytest.mark.parametrize("task,opts,ckpt", [
+    ("denoise_gray", ["--sigma", 30], "gray"),
+    ("denoise_rgb", ["--sigma", 50, "--self-ensemble"], "rgb"),
+    ("car", ["--quality", 20, "--chop"], "gray"),
+    ("demosaic", ["--tile", 24, "--tile-overlap", 8], "rgb"),
+    ("sr", [], "sr2"),
+])
+def test_eval_with_model(ckpts, crops, tmp_path, capsys, task, opts, ckpt):
+    csv_path = tmp_path / "r.csv"
+    code, out, err = _run(["eval", "--weights", ckpts[ckpt], "--task", task, "--data", crops["eval"],
+                           "--limit", 1, "--quiet", "--csv", csv_path] + opts, capsys)
+    assert code == 0, err
+    rows = _read_csv(csv_path)
+    assert [r["image"] for r in rows] == ["k0.png", "mean"]
+    assert np.isfinite(float(rows[0]["psnr"])) and -1 <= float(rows[0]["ssim"]) <= 1
+    assert rows[0]["psnr"] == rows[1]["psnr"]
+    assert "RNAN(" in out
+
+
+def test_eval_noise_is_seeded_per_image(ckpts, crops, tmp_path, capsys):
+    """Image i gets seed + i: --limit keeps the noise of the images it keeps; a run repeats."""
+    def run(limit, seed, name):
+        argv = ["eval", "--baseline", "--task", "denoise_rgb", "--sigma", 25, "--data", crops["eval"],
+                "--seed", seed, "--quiet", "--csv", tmp_path / name]
+        if limit:
+            argv += ["--limit", limit]
+        assert _run(argv, capsys)[0] == 0
+        return _read_csv(tmp_path / name)
+
+    full, first, again, other = run(None, 0, "a.csv"), run(1, 0, "b.csv"), run(None, 0, "c.csv"), run(None, 5, "d.csv")
+    assert full[0] == first[0] and full == again and full[0] != other[0]
+    img = D.read_image(crops["eval"] / "k1.png")
+    noisy = D.add_gaussian_noise(img, 25, seed=1)
+    from rnan_fast.metrics import psnr
+
+    assert float(full[1]["psnr"]) == pytest.approx(psnr(img, noisy), abs=1e-5)
+
+
+def test_eval_user_errors(ckpts, crops, tmp_path, capsys):
+    data = crops["eval"]
+    cases = [
+        (["--weights", ckpts["rgb"], "--task", "denoise_gray", "--sigma", 10], "1-channel model"),
+        (["--weights", ckpts["rgb"], "--task", "sr", "--scale", 2], "scale"),
+        (["--weights", ckpts["sr2"], "--task", "sr", "--scale", 4], "scale"),
+        (["--weights", ckpts["rgb"], "--task", "denoise_rgb"], "--sigma"),
+        (["--weights", ckpts["gray"], "--task", "car"], "--quality"),
+        (["--weights", ckpts["gray"], "--task", "car", "--quality", 10, "--sigma", 5], "does not apply"),
+        (["--baseline", "--weights", ckpts["rgb"], "--task", "demosaic"], "--baseline"),
+        (["--task", "demosaic"], "--baseline"),
+        (["--weights", tmp_path / "nope.pt", "--task", "demosaic"], "weights file not found"),
+        (["--baseline", "--task", "demosaic", "--limit", 0], "--limit"),
+    ]
+    for argv, needle in cases:
+        code, out, err = _run(["eval", "--data", data, "--quiet"] + argv, capsys)
+        assert code == 2 and needle in err and "Traceback" not in err, (argv, err)
+    code, _, err = _run(["eval", "--baseline", "--task", "demosaic", "--data", tmp_path / "none"], capsys)
+    assert code == 2 and "no such folder" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _run(["eval", "--baseline", "--task", "demosaic", "--data", empty], capsys)
+    assert code == 2 and "no images" in err
+
+
+# --------------------------------------------------------------------------- bench
+
+def test_bench_quick_runs(capsys):
+    code, out, err = _run(["bench", "--device", "cpu", "--quick", "--repeat", 1], capsys)
+    assert code == 0, err
+    assert "non-local attention" in out and "RNAN forward" in out
+    assert "naive" in out and "reference" in out
