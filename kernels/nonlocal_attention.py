@@ -56,7 +56,12 @@ Backward (saved: theta, phi, g, out, stats). With P the probabilities and dY = d
 Masking: any N >= 1. Each loop runs over the full blocks without masks and then, if N is not a
 multiple of the block, one masked step (`MASKED` constexpr) that zeroes the weights of padded
 rows explicitly (a padded row loads zeros, whose score 0 could give exp(-LSE) = inf).
-Offsets: batch and row offsets are int64, so B*N*D > 2^31 elements is fine.
+Offsets: the batch offset and each block's start row are int64 scalars added to the base
+pointer, so B*N*D > 2^31 elements is fine; the offsets inside a tile are int32 tensors computed
+once (64-bit pointer tensors kept live across the loop made ptxas spill hundreds of bytes at
+d = 64; with int32 tile offsets each kernel has spill-free configs for bf16 at d = 32 and 64, as
+checked by compiling for sm_90 without a GPU). They are fine while BLOCK * |row stride| +
+D * |feature stride| < 2^31, i.e. for any layout of fewer than ~2^24 rows.
 
 Dot precision: fp16/bf16 use tensor cores. fp32 follows torch.get_float32_matmul_precision():
 "highest" -> FP32_HIGHEST_INPUT_PRECISION ("tf32x3": three tf32 products, ~fp32 accuracy at a
@@ -105,8 +110,9 @@ _QMAJOR = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4),
 _KMAJOR = [(64, 128, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2), (32, 128, 4, 4),
            (64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 4, 3), (32, 64, 4, 4)]
 # The backward kernels hold more live tiles (dK and dV, or dQ, plus P and dP): smaller blocks.
+# (fp32 inputs with tf32x3 dots need the small ones: ptxas reports spills for 64x64 there.)
 _BWD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2),
-        (32, 64, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2), (32, 128, 4, 2)]
+        (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)]
 
 _KEY = ["N_BUCKET", "D", "DV", "PREC"]
 
@@ -156,19 +162,21 @@ def _fwd_row_kernel(Q, K, V, O, M, R,
     m_valid = offs_m < N
     rows = tl.cast(offs_m, tl.int64)
     q = tl.load(Q + b * sqb + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=m_valid[:, None], other=0.0)
-    k_ptrs = K + b * skb + offs_n[:, None] * skn + offs_d[None, :] * skd
-    v_ptrs = V + b * svb + offs_n[:, None] * svn + offs_dv[None, :] * svd
+    k_base = K + b * skb
+    k_off = offs_n[:, None] * skn + offs_d[None, :] * skd
+    v_base = V + b * svb
+    v_off = offs_n[:, None] * svn + offs_dv[None, :] * svd
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
     n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         st = tl.cast(start_n, tl.int64)
-        acc, m_i, l_i = _row_fwd_step(acc, m_i, l_i, q, k_ptrs + st * skn, v_ptrs + st * svn, start_n, N,
+        acc, m_i, l_i = _row_fwd_step(acc, m_i, l_i, q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off, start_n, N,
                                       offs_n, BLOCK_N, False, PREC)
     if n_full < N:
         st = tl.cast(n_full, tl.int64)
-        acc, m_i, l_i = _row_fwd_step(acc, m_i, l_i, q, k_ptrs + st * skn, v_ptrs + st * svn, n_full, N,
+        acc, m_i, l_i = _row_fwd_step(acc, m_i, l_i, q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off, n_full, N,
                                       offs_n, BLOCK_N, True, PREC)
     out = acc / l_i[:, None]
     tl.store(O + b * sob + rows[:, None] * son + offs_dv[None, :] * sod, out.to(O.dtype.element_ty),
@@ -211,15 +219,16 @@ def _col_lse_kernel(Q, K, M, R, sqb, sqn, sqd, skb, skn, skd,
     n_valid = offs_n < N
     cols = tl.cast(offs_n, tl.int64)
     k = tl.load(K + b * skb + cols[:, None] * skn + offs_d[None, :] * skd, mask=n_valid[:, None], other=0.0)
-    q_ptrs = Q + b * sqb + offs_m[:, None] * sqn + offs_d[None, :] * sqd
+    q_base = Q + b * sqb
+    q_off = offs_m[:, None] * sqn + offs_d[None, :] * sqd
     m_j = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_j = tl.zeros([BLOCK_N], tl.float32)
     m_full = (N // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        m_j, l_j = _col_lse_step(m_j, l_j, k, q_ptrs + tl.cast(start_m, tl.int64) * sqn, start_m, N, offs_m,
+        m_j, l_j = _col_lse_step(m_j, l_j, k, (q_base + tl.cast(start_m, tl.int64) * sqn) + q_off, start_m, N, offs_m,
                                  False, PREC)
     if m_full < N:
-        m_j, l_j = _col_lse_step(m_j, l_j, k, q_ptrs + tl.cast(m_full, tl.int64) * sqn, m_full, N, offs_m,
+        m_j, l_j = _col_lse_step(m_j, l_j, k, (q_base + tl.cast(m_full, tl.int64) * sqn) + q_off, m_full, N, offs_m,
                                  True, PREC)
     tl.store(M + b * N + cols, m_j, mask=n_valid)
     tl.store(R + b * N + cols, tl.math.log2(l_j), mask=n_valid)
@@ -266,19 +275,23 @@ def _fwd_known_lse_kernel(Q, K, V, O, M, R,
     m_valid = offs_m < N
     rows = tl.cast(offs_m, tl.int64)
     q = tl.load(Q + b * sqb + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=m_valid[:, None], other=0.0)
-    k_ptrs = K + b * skb + offs_n[:, None] * skn + offs_d[None, :] * skd
-    v_ptrs = V + b * svb + offs_n[:, None] * svn + offs_dv[None, :] * svd
-    m_ptrs = M + b * N + offs_n
-    r_ptrs = R + b * N + offs_n
+    k_base = K + b * skb
+    k_off = offs_n[:, None] * skn + offs_d[None, :] * skd
+    v_base = V + b * svb
+    v_off = offs_n[:, None] * svn + offs_dv[None, :] * svd
+    m_base = M + b * N
+    m_off = offs_n
+    r_base = R + b * N
+    r_off = offs_n
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
     n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         st = tl.cast(start_n, tl.int64)
-        acc = _known_lse_step(acc, q, k_ptrs + st * skn, v_ptrs + st * svn, m_ptrs + st, r_ptrs + st, start_n, N, offs_n,
+        acc = _known_lse_step(acc, q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off, (m_base + st) + m_off, (r_base + st) + r_off, start_n, N, offs_n,
                               False, PREC)
     if n_full < N:
         st = tl.cast(n_full, tl.int64)
-        acc = _known_lse_step(acc, q, k_ptrs + st * skn, v_ptrs + st * svn, m_ptrs + st, r_ptrs + st, n_full, N, offs_n,
+        acc = _known_lse_step(acc, q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off, (m_base + st) + m_off, (r_base + st) + r_off, n_full, N, offs_n,
                               True, PREC)
     tl.store(O + b * sob + rows[:, None] * son + offs_dv[None, :] * sod, acc.to(O.dtype.element_ty),
              mask=m_valid[:, None])
@@ -338,19 +351,19 @@ def _kv_step(dk, dv, dacc, k, v, m_k, r_k, delta_k, q_ptrs, do_ptrs, m_ptrs, r_p
 
 
 @triton.jit
-def _kv_loop(dk, dv, dacc, k, v, m_k, r_k, delta_k, q_ptrs, do_ptrs, m_ptrs, r_ptrs, dl_ptrs, N, offs_m, sqn, sdn,
+def _kv_loop(dk, dv, dacc, k, v, m_k, r_k, delta_k, q_base, q_off, do_base, do_off, m_base, m_off, r_base, r_off, dl_base, dl_off, N, offs_m, sqn, sdn,
              STATS_PER_KEY: tl.constexpr, WANT_DV: tl.constexpr, WANT_DK: tl.constexpr,
              BLOCK_M: tl.constexpr, PREC: tl.constexpr):
     m_full = (N // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
         st = tl.cast(start_m, tl.int64)
-        dk, dv, dacc = _kv_step(dk, dv, dacc, k, v, m_k, r_k, delta_k, q_ptrs + st * sqn, do_ptrs + st * sdn,
-                                m_ptrs + st, r_ptrs + st, dl_ptrs + st, start_m, N, offs_m, STATS_PER_KEY, WANT_DV, WANT_DK,
+        dk, dv, dacc = _kv_step(dk, dv, dacc, k, v, m_k, r_k, delta_k, (q_base + st * sqn) + q_off, (do_base + st * sdn) + do_off,
+                                (m_base + st) + m_off, (r_base + st) + r_off, (dl_base + st) + dl_off, start_m, N, offs_m, STATS_PER_KEY, WANT_DV, WANT_DK,
                           False, PREC)
     if m_full < N:
         st = tl.cast(m_full, tl.int64)
-        dk, dv, dacc = _kv_step(dk, dv, dacc, k, v, m_k, r_k, delta_k, q_ptrs + st * sqn, do_ptrs + st * sdn,
-                                m_ptrs + st, r_ptrs + st, dl_ptrs + st, m_full, N, offs_m, STATS_PER_KEY, WANT_DV, WANT_DK,
+        dk, dv, dacc = _kv_step(dk, dv, dacc, k, v, m_k, r_k, delta_k, (q_base + st * sqn) + q_off, (do_base + st * sdn) + do_off,
+                                (m_base + st) + m_off, (r_base + st) + r_off, (dl_base + st) + dl_off, m_full, N, offs_m, STATS_PER_KEY, WANT_DV, WANT_DK,
                           True, PREC)
     return dk, dv, dacc
 
@@ -373,11 +386,16 @@ def _bwd_kv_kernel(Q, K, V, DO, M, R, DELTA, DK, DV_,
     cols = tl.cast(offs_n, tl.int64)
     k = tl.load(K + b * skb + cols[:, None] * skn + offs_d[None, :] * skd, mask=n_valid[:, None], other=0.0)
     v = tl.load(V + b * svb + cols[:, None] * svn + offs_dv[None, :] * svd, mask=n_valid[:, None], other=0.0)
-    q_ptrs = Q + b * sqb + offs_m[:, None] * sqn + offs_d[None, :] * sqd
-    do_ptrs = DO + b * sdb + offs_m[:, None] * sdn + offs_dv[None, :] * sdd
-    m_ptrs = M + b * N + offs_m
-    r_ptrs = R + b * N + offs_m
-    dl_ptrs = DELTA + b * N + offs_m
+    q_base = Q + b * sqb
+    q_off = offs_m[:, None] * sqn + offs_d[None, :] * sqd
+    do_base = DO + b * sdb
+    do_off = offs_m[:, None] * sdn + offs_dv[None, :] * sdd
+    m_base = M + b * N
+    m_off = offs_m
+    r_base = R + b * N
+    r_off = offs_m
+    dl_base = DELTA + b * N
+    dl_off = offs_m
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, DV], tl.float32)
     if STATS_PER_KEY:
@@ -389,15 +407,15 @@ def _bwd_kv_kernel(Q, K, V, DO, M, R, DELTA, DK, DV_,
         m_k = tl.load(M + b * N + cols, mask=n_valid, other=0.0)
         r_k = tl.load(R + b * N + cols, mask=n_valid, other=0.0)
         zero = tl.zeros([BLOCK_N], tl.float32)
-        dk, dv, delta_k = _kv_loop(dk, dv, zero, k, v, m_k, r_k, zero, q_ptrs, do_ptrs, m_ptrs, r_ptrs, dl_ptrs,
+        dk, dv, delta_k = _kv_loop(dk, dv, zero, k, v, m_k, r_k, zero, q_base, q_off, do_base, do_off, m_base, m_off, r_base, r_off, dl_base, dl_off,
                                    N, offs_m, sqn, sdn, True, True, False, BLOCK_M, PREC)
         tl.store(DELTA + b * N + cols, delta_k, mask=n_valid)
-        dk, dv, delta_k = _kv_loop(dk, dv, delta_k, k, v, m_k, r_k, delta_k, q_ptrs, do_ptrs, m_ptrs, r_ptrs,
-                                   dl_ptrs, N, offs_m, sqn, sdn, True, False, True, BLOCK_M, PREC)
+        dk, dv, delta_k = _kv_loop(dk, dv, delta_k, k, v, m_k, r_k, delta_k, q_base, q_off, do_base, do_off, m_base, m_off, r_base, r_off,
+                                   dl_base, dl_off, N, offs_m, sqn, sdn, True, False, True, BLOCK_M, PREC)
     else:
         # Row softmax: D_i per query comes from _bwd_q_kernel (run first): one loop does both.
         zero = tl.zeros([BLOCK_N], tl.float32)
-        dk, dv, zero = _kv_loop(dk, dv, zero, k, v, zero, zero, zero, q_ptrs, do_ptrs, m_ptrs, r_ptrs, dl_ptrs,
+        dk, dv, zero = _kv_loop(dk, dv, zero, k, v, zero, zero, zero, q_base, q_off, do_base, do_off, m_base, m_off, r_base, r_off, dl_base, dl_off,
                                 N, offs_m, sqn, sdn, False, True, True, BLOCK_M, PREC)
     tl.store(DK + b * sdkb + cols[:, None] * sdkn + offs_d[None, :] * sdkd, dk.to(DK.dtype.element_ty),
              mask=n_valid[:, None])
@@ -431,17 +449,17 @@ def _q_step(dq, dacc, q, do, m_q, r_q, delta_q, k_ptrs, v_ptrs, m_ptrs, r_ptrs, 
 
 
 @triton.jit
-def _q_loop(dq, dacc, q, do, m_q, r_q, delta_q, k_ptrs, v_ptrs, m_ptrs, r_ptrs, dl_ptrs, N, offs_n, skn, svn,
+def _q_loop(dq, dacc, q, do, m_q, r_q, delta_q, k_base, k_off, v_base, v_off, m_base, m_off, r_base, r_off, dl_base, dl_off, N, offs_n, skn, svn,
             STATS_PER_KEY: tl.constexpr, WANT_DQ: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         st = tl.cast(start_n, tl.int64)
-        dq, dacc = _q_step(dq, dacc, q, do, m_q, r_q, delta_q, k_ptrs + st * skn, v_ptrs + st * svn, m_ptrs + st,
-                           r_ptrs + st, dl_ptrs + st, start_n, N, offs_n, STATS_PER_KEY, WANT_DQ, False, PREC)
+        dq, dacc = _q_step(dq, dacc, q, do, m_q, r_q, delta_q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off, (m_base + st) + m_off,
+                           (r_base + st) + r_off, (dl_base + st) + dl_off, start_n, N, offs_n, STATS_PER_KEY, WANT_DQ, False, PREC)
     if n_full < N:
         st = tl.cast(n_full, tl.int64)
-        dq, dacc = _q_step(dq, dacc, q, do, m_q, r_q, delta_q, k_ptrs + st * skn, v_ptrs + st * svn, m_ptrs + st,
-                           r_ptrs + st, dl_ptrs + st, n_full, N, offs_n, STATS_PER_KEY, WANT_DQ, True, PREC)
+        dq, dacc = _q_step(dq, dacc, q, do, m_q, r_q, delta_q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off, (m_base + st) + m_off,
+                           (r_base + st) + r_off, (dl_base + st) + dl_off, n_full, N, offs_n, STATS_PER_KEY, WANT_DQ, True, PREC)
     return dq, dacc
 
 
@@ -462,16 +480,21 @@ def _bwd_q_kernel(Q, K, V, DO, M, R, DELTA, DQ,
     rows = tl.cast(offs_m, tl.int64)
     q = tl.load(Q + b * sqb + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=m_valid[:, None], other=0.0)
     do = tl.load(DO + b * sdb + rows[:, None] * sdn + offs_dv[None, :] * sdd, mask=m_valid[:, None], other=0.0)
-    k_ptrs = K + b * skb + offs_n[:, None] * skn + offs_d[None, :] * skd
-    v_ptrs = V + b * svb + offs_n[:, None] * svn + offs_dv[None, :] * svd
-    m_ptrs = M + b * N + offs_n
-    r_ptrs = R + b * N + offs_n
-    dl_ptrs = DELTA + b * N + offs_n
+    k_base = K + b * skb
+    k_off = offs_n[:, None] * skn + offs_d[None, :] * skd
+    v_base = V + b * svb
+    v_off = offs_n[:, None] * svn + offs_dv[None, :] * svd
+    m_base = M + b * N
+    m_off = offs_n
+    r_base = R + b * N
+    r_off = offs_n
+    dl_base = DELTA + b * N
+    dl_off = offs_n
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     if STATS_PER_KEY:
         # Column softmax: statistics and D_j per key, loaded in the loop (D_j from _bwd_kv_kernel).
         zero = tl.zeros([BLOCK_M], tl.float32)
-        dq, zero = _q_loop(dq, zero, q, do, zero, zero, zero, k_ptrs, v_ptrs, m_ptrs, r_ptrs, dl_ptrs, N, offs_n,
+        dq, zero = _q_loop(dq, zero, q, do, zero, zero, zero, k_base, k_off, v_base, v_off, m_base, m_off, r_base, r_off, dl_base, dl_off, N, offs_n,
                            skn, svn, True, True, BLOCK_N, PREC)
     else:
         # Row softmax: loop 1 sums D_i = sum_j P_ij dP_ij (exact cancellation for saturated rows, see
@@ -480,10 +503,10 @@ def _bwd_q_kernel(Q, K, V, DO, M, R, DELTA, DQ,
         m_q = tl.load(M + b * N + rows, mask=m_valid, other=0.0)
         r_q = tl.load(R + b * N + rows, mask=m_valid, other=0.0)
         zero = tl.zeros([BLOCK_M], tl.float32)
-        dq, delta_q = _q_loop(dq, zero, q, do, m_q, r_q, zero, k_ptrs, v_ptrs, m_ptrs, r_ptrs, dl_ptrs, N, offs_n,
+        dq, delta_q = _q_loop(dq, zero, q, do, m_q, r_q, zero, k_base, k_off, v_base, v_off, m_base, m_off, r_base, r_off, dl_base, dl_off, N, offs_n,
                               skn, svn, False, False, BLOCK_N, PREC)
         tl.store(DELTA + b * N + rows, delta_q, mask=m_valid)
-        dq, delta_q = _q_loop(dq, delta_q, q, do, m_q, r_q, delta_q, k_ptrs, v_ptrs, m_ptrs, r_ptrs, dl_ptrs, N,
+        dq, delta_q = _q_loop(dq, delta_q, q, do, m_q, r_q, delta_q, k_base, k_off, v_base, v_off, m_base, m_off, r_base, r_off, dl_base, dl_off, N,
                               offs_n, skn, svn, False, True, BLOCK_N, PREC)
     tl.store(DQ + b * sdqb + rows[:, None] * sdqn + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
              mask=m_valid[:, None])
