@@ -545,6 +545,15 @@ def cmd_bench(args) -> int:
 
 # --------------------------------------------------------------------------- parser
 
+RESTORE_EPILOG = """\
+The architecture (colours, scale, width, depth) is read from the checkpoint. A gray model gets
+RGB inputs converted with Pillow's convert('L') (ITU-R 601-2 luma, the paper's rgb2gray for gray
+denoising); an RGB model gets gray inputs replicated to three channels. SR models write the
+upscaled size. Outputs: OUTDIR/<input stem>.png, rounded and clamped to uint8, written through a
+temporary file and os.replace. Existing outputs stop the run before any work (nothing is
+written) unless --overwrite. Unreadable inputs are reported and skipped; the exit status is then 1.
+"""
+
 EVAL_EPILOG = """\
 protocols (the shared data README; baseline rows reproduce with --baseline):
   denoise_gray  gray ground truth (RGB files: Pillow convert('L')); input = gt + sigma * N(0,1)
@@ -572,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{restore,eval,bench}")
 
     r = sub.add_parser("restore", help="restore image files or folders with a checkpoint",
-                       description="Restore images with an RNAN checkpoint; PNG outputs named after the inputs.")
+                       description="Restore images with an RNAN checkpoint; PNG outputs named after the inputs.",
+                       epilog=RESTORE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
     r.add_argument("--weights", required=True, metavar="W.pt", help="RNAN checkpoint (official state dict)")
     r.add_argument("-o", "--output", default="restored", metavar="OUTDIR",

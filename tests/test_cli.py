@@ -134,6 +134,16 @@ def test_restore_tile_and_chop_options(ckpts, crops, tmp_path, capsys):
     assert code == 2 and "exclude" in err
 
 
+def test_restore_official_format_fixtures(fixtures_dir, crops, tmp_path, capsys):
+    """Checkpoints in the official layout (shared fixtures): the configuration comes from the file."""
+    img = crops["rgb"] / "set12_01.png"
+    for name, shape in (("official_dn_gray_tiny.pt", (28, 36)), ("official_sr4_tiny.pt", (112, 144, 3))):
+        outdir = tmp_path / name
+        code, _, err = _run(["restore", "--weights", fixtures_dir / name, "-o", outdir, "--quiet", img], capsys)
+        assert code == 0, err
+        assert D.read_image(outdir / "set12_01.png").shape == shape
+
+
 def test_restore_corrupt_input_is_skipped(ckpts, crops, tmp_path, capsys):
     inp = tmp_path / "in"
     inp.mkdir()
