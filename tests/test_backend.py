@@ -90,8 +90,8 @@ def test_auto_never_uses_the_interpreter():
     from rnan_fast.ops.nonlocal_attention import _triton_why_not
 
     t = torch.randn(1, 4, 16)
-    assert _triton_why_not(t, explicit=False)
-    assert bool(_triton_why_not(t, explicit=True)) != (_ext.TRITON and _ext.triton_interpret())
+    assert _triton_why_not(t, t, t, explicit=False)
+    assert bool(_triton_why_not(t, t, t, explicit=True)) != (_ext.TRITON and _ext.triton_interpret())
 
 
 def test_ops_follow_the_global_backend():
