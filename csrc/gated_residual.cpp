@@ -10,9 +10,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "gated_residual.h"
 
@@ -32,6 +33,14 @@
 
 namespace rnan_fast {
 namespace {
+
+// The float with these bits (std::bit_cast is C++20; this file also builds as C++17, the
+// extension default of older PyTorch releases).
+RNAN_ALWAYS_INLINE float float_from_bits(int32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
 
 // exp(a) in float32 written in plain arithmetic (range reduction by ln 2 and a degree-5
 // polynomial, about 2 ulp) so that the loops calling it vectorise; std::exp would be a scalar
@@ -53,7 +62,7 @@ RNAN_ALWAYS_INLINE float exp_f32(float a) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float er = p * r * r + r + 1.0f;
-  const float scale = std::bit_cast<float>((static_cast<int32_t>(k) + 127) << 23);  // 2^k, k in [-126, 127]
+  const float scale = float_from_bits((static_cast<int32_t>(k) + 127) << 23);  // 2^k, k in [-126, 127]
   return nan ? a : er * scale;
 }
 

@@ -437,8 +437,10 @@ def test_cuda_matches_reference(shape, layout, dtype):
     out, gm, gt = check_against_reference(x, m, t, g, f"cuda {layout} {shape}")
     assert out.stride() == torch.empty_like(x).stride()
     assert gm.stride() == torch.empty_like(m).stride() and gt.stride() == torch.empty_like(t).stride()
-    # Same per-element math whatever the layout: bitwise the contiguous result.
-    assert torch.equal(out.contiguous(), fwd_op(x.contiguous(), m.contiguous(), t.contiguous()))
+    # The same vector kernel runs whatever the layout (only "unaligned" takes the V = 1 variant):
+    # bitwise the contiguous result.
+    if layout != "unaligned":
+        assert torch.equal(out.contiguous(), fwd_op(x.contiguous(), m.contiguous(), t.contiguous()))
 
 
 @needs_cuda
@@ -544,4 +546,5 @@ def test_cuda_compile_fullgraph():
 
     out = step(*leaves)
     out.sum().backward()
-    torch.testing.assert_close(out, ref_fwd64(*leaves).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.detach(), ref_fwd64(*(a.detach() for a in leaves)).float(), rtol=1e-5, atol=1e-5)
+    assert all(a.grad is not None for a in leaves)
