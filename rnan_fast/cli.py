@@ -231,7 +231,10 @@ def cmd_restore(args) -> int:
     _set_backend(args.backend)
     net = _load_model(args.weights, device, args.precision)
     n_colors = model_colors(net)
-    outdir.mkdir(parents=True, exist_ok=True)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {outdir}: {e.strerror or e}") from None
     failures, notes = [], set()
     kwargs = _restore_kwargs(args)
     bar = _progress(zip(inputs, outputs), len(inputs), "restore", args.quiet)
@@ -248,7 +251,7 @@ def cmd_restore(args) -> int:
             _report(f"{PROG}: note: {note} for this {n_colors}-channel model (first: {src})", args.quiet)
         try:
             out = restore_image(net, img, device=device, dtype=DTYPES[args.precision], **kwargs)
-        except (RuntimeError, ValueError) as e:
+        except (RuntimeError, ValueError, ArithmeticError) as e:
             hint = "; try --tile 256" if "out of memory" in str(e).lower() else ""
             _report(f"{PROG}: failed on {src}: {str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}",
                     args.quiet)
@@ -401,17 +404,22 @@ def cmd_eval(args) -> int:
         else:
             try:
                 out = restore_image(net, lq, device=device, dtype=DTYPES[args.precision], **kwargs)
-            except (RuntimeError, ValueError) as e:
+            except (RuntimeError, ValueError, ArithmeticError) as e:
                 _report(f"{PROG}: failed on {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                         args.quiet)
                 failures.append(path)
                 continue
-        if gray_gt:  # a 1-channel SR ground truth (Set14 bridge) is scored on its own gray values
-            out_gray = out[..., 0] if net is None else D.to_uint8(out.astype(np.float64).mean(axis=2))
-            pv = psnr(gt, out_gray, border=p["scale"])
-            sv = None if args.no_ssim else ssim(gt, out_gray, border=p["scale"])
-        else:
-            pv, sv = evaluate(gt, out, p["task"], p["scale"], with_ssim=not args.no_ssim)
+        try:
+            if gray_gt:  # a 1-channel SR ground truth (Set14 bridge) is scored on its own gray values
+                out_gray = out[..., 0] if net is None else D.to_uint8(out.astype(np.float64).mean(axis=2))
+                pv = psnr(gt, out_gray, border=p["scale"])
+                sv = None if args.no_ssim else ssim(gt, out_gray, border=p["scale"])
+            else:
+                pv, sv = evaluate(gt, out, p["task"], p["scale"], with_ssim=not args.no_ssim)
+        except ValueError as e:  # e.g. an image too small for the SSIM window
+            _report(f"{PROG}: cannot score {path}: {e}", args.quiet)
+            failures.append(path)
+            continue
         rows.append({"image": path.name, "psnr": pv, "ssim": sv})
         s_txt = "" if sv is None else f"{sv:.4f}"
         _print_row(f"{path.name:<{width}}  {pv:8.4f}  {s_txt:>6}", args.quiet)

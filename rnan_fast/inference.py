@@ -221,11 +221,15 @@ def restore_image(model, img: np.ndarray, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32, **kwargs) -> np.ndarray:
     """Restore one image. img: (H, W) or (H, W, C) array on the 0..255 scale (uint8 or float);
     returns uint8 (H', W') or (H', W', C') (H' = scale*H), rounded half away from zero and clamped
-    to 0..255. The model must already be on `device` in `dtype`; kwargs go to restore_tensor."""
+    to 0..255. The model must already be on `device` in `dtype`; kwargs go to restore_tensor.
+    Raises FloatingPointError (an ArithmeticError) when the output holds NaN or inf."""
     a = np.asarray(img, dtype=np.float32)
     gray = a.ndim == 2
     t = torch.from_numpy(np.ascontiguousarray(a[None, None] if gray else a.transpose(2, 0, 1)[None]))
     t = t.to(device=device, dtype=dtype)
     y = restore_tensor(model, t, **kwargs)[0].float().cpu().numpy().astype(np.float64)
+    if not np.isfinite(y).all():
+        hint = " (fp16 overflow? try bf16 or fp32)" if dtype == torch.float16 else ""
+        raise FloatingPointError(f"the model produced non-finite values{hint}")
     y = np.clip(np.sign(y) * np.floor(np.abs(y) + 0.5), 0, 255).astype(np.uint8)
     return y[0] if y.shape[0] == 1 else y.transpose(1, 2, 0)

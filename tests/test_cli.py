@@ -287,6 +287,11 @@ def test_eval_user_errors(ckpts, crops, tmp_path, capsys):
         assert code == 2 and needle in err and "Traceback" not in err, (argv, err)
     code, _, err = _run(["eval", "--baseline", "--task", "demosaic", "--data", tmp_path / "none"], capsys)
     assert code == 2 and "no such folder" in err
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tiny / "a.png")
+    code, _, err = _run(["eval", "--baseline", "--task", "demosaic", "--data", tiny, "--quiet"], capsys)
+    assert code == 1 and "a.png" in err and "Traceback" not in err  # too small for SSIM: reported
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _, err = _run(["eval", "--baseline", "--task", "demosaic", "--data", empty], capsys)

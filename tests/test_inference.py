@@ -239,3 +239,14 @@ def test_rnan_whole_tiled_chop_ensemble_run():
     assert torch.allclose(chop[..., 26:, 30:], q3[..., 2 * hs - 26:, 2 * ws - 30:], atol=1e-4)
     ens = restore_tensor(net, x, self_ensemble=True)
     assert ens.shape == chop.shape and torch.isfinite(ens).all()
+
+
+def test_restore_image_rejects_non_finite_output():
+    class Overflow(nn.Module):
+        scale = 1
+
+        def forward(self, x):
+            return x * float("inf") - x * float("inf")
+
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        restore_image(Overflow(), np.ones((4, 4), np.uint8))
