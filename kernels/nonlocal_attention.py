@@ -24,8 +24,9 @@ PyTorch's softmax - provided the kernel that recomputes S_ij gets the same bits 
 took the max. Key-major kernels compute S^T = K Q^T and query-major ones S = Q K^T; an MMA with
 exact products (fp16/bf16) or an in-order FMA chain ("ieee") should give identical bits either
 way, while numpy (the interpreter, d >= 32) and possibly tf32x3 differ in the last bit, which
-leaves a ~ulp(S) error on saturated weights (the tests' floors allow for it; to verify on GPU). The extra FADD is free beside the ex2 (MUFU) bound. The op's lse output is
-internal (non-differentiable, consumed only by this module's backward).
+leaves a ~ulp(S) error on saturated weights (the tests' floors allow for it; to verify on GPU).
+The extra FADD is free beside the ex2 (MUFU) bound. The op's lse output is internal
+(non-differentiable, consumed only by this module's backward).
 
 Column softmax (softmax_over="query", official RNAN, softmax over queries, dim=1):
   pass 1 `_col_lse_kernel`, key-major: online log-sum-exp over queries for each key -> (m_j, r_j).
@@ -172,12 +173,12 @@ def _fwd_row_kernel(Q, K, V, O, M, R,
     n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         st = tl.cast(start_n, tl.int64)
-        acc, m_i, l_i = _row_fwd_step(acc, m_i, l_i, q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off, start_n, N,
-                                      offs_n, BLOCK_N, False, PREC)
+        acc, m_i, l_i = _row_fwd_step(acc, m_i, l_i, q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off,
+                                      start_n, N, offs_n, BLOCK_N, False, PREC)
     if n_full < N:
         st = tl.cast(n_full, tl.int64)
-        acc, m_i, l_i = _row_fwd_step(acc, m_i, l_i, q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off, n_full, N,
-                                      offs_n, BLOCK_N, True, PREC)
+        acc, m_i, l_i = _row_fwd_step(acc, m_i, l_i, q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off,
+                                      n_full, N, offs_n, BLOCK_N, True, PREC)
     out = acc / l_i[:, None]
     tl.store(O + b * sob + rows[:, None] * son + offs_dv[None, :] * sod, out.to(O.dtype.element_ty),
              mask=m_valid[:, None])
@@ -280,19 +281,17 @@ def _fwd_known_lse_kernel(Q, K, V, O, M, R,
     v_base = V + b * svb
     v_off = offs_n[:, None] * svn + offs_dv[None, :] * svd
     m_base = M + b * N
-    m_off = offs_n
     r_base = R + b * N
-    r_off = offs_n
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
     n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         st = tl.cast(start_n, tl.int64)
-        acc = _known_lse_step(acc, q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off, (m_base + st) + m_off, (r_base + st) + r_off, start_n, N, offs_n,
-                              False, PREC)
+        acc = _known_lse_step(acc, q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off, m_base + st + offs_n,
+                              r_base + st + offs_n, start_n, N, offs_n, False, PREC)
     if n_full < N:
         st = tl.cast(n_full, tl.int64)
-        acc = _known_lse_step(acc, q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off, (m_base + st) + m_off, (r_base + st) + r_off, n_full, N, offs_n,
-                              True, PREC)
+        acc = _known_lse_step(acc, q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off, m_base + st + offs_n,
+                              r_base + st + offs_n, n_full, N, offs_n, True, PREC)
     tl.store(O + b * sob + rows[:, None] * son + offs_dv[None, :] * sod, acc.to(O.dtype.element_ty),
              mask=m_valid[:, None])
 
@@ -351,20 +350,22 @@ def _kv_step(dk, dv, dacc, k, v, m_k, r_k, delta_k, q_ptrs, do_ptrs, m_ptrs, r_p
 
 
 @triton.jit
-def _kv_loop(dk, dv, dacc, k, v, m_k, r_k, delta_k, q_base, q_off, do_base, do_off, m_base, m_off, r_base, r_off, dl_base, dl_off, N, offs_m, sqn, sdn,
-             STATS_PER_KEY: tl.constexpr, WANT_DV: tl.constexpr, WANT_DK: tl.constexpr,
+def _kv_loop(dk, dv, dacc, k, v, m_k, r_k, delta_k, q_base, q_off, do_base, do_off, m_base, r_base, dl_base,
+             N, offs_m, sqn, sdn, STATS_PER_KEY: tl.constexpr, WANT_DV: tl.constexpr, WANT_DK: tl.constexpr,
              BLOCK_M: tl.constexpr, PREC: tl.constexpr):
     m_full = (N // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
         st = tl.cast(start_m, tl.int64)
-        dk, dv, dacc = _kv_step(dk, dv, dacc, k, v, m_k, r_k, delta_k, (q_base + st * sqn) + q_off, (do_base + st * sdn) + do_off,
-                                (m_base + st) + m_off, (r_base + st) + r_off, (dl_base + st) + dl_off, start_m, N, offs_m, STATS_PER_KEY, WANT_DV, WANT_DK,
-                          False, PREC)
+        dk, dv, dacc = _kv_step(dk, dv, dacc, k, v, m_k, r_k, delta_k, (q_base + st * sqn) + q_off,
+                                (do_base + st * sdn) + do_off, m_base + st + offs_m, r_base + st + offs_m,
+                                dl_base + st + offs_m, start_m, N, offs_m, STATS_PER_KEY, WANT_DV, WANT_DK,
+                                False, PREC)
     if m_full < N:
         st = tl.cast(m_full, tl.int64)
-        dk, dv, dacc = _kv_step(dk, dv, dacc, k, v, m_k, r_k, delta_k, (q_base + st * sqn) + q_off, (do_base + st * sdn) + do_off,
-                                (m_base + st) + m_off, (r_base + st) + r_off, (dl_base + st) + dl_off, m_full, N, offs_m, STATS_PER_KEY, WANT_DV, WANT_DK,
-                          True, PREC)
+        dk, dv, dacc = _kv_step(dk, dv, dacc, k, v, m_k, r_k, delta_k, (q_base + st * sqn) + q_off,
+                                (do_base + st * sdn) + do_off, m_base + st + offs_m, r_base + st + offs_m,
+                                dl_base + st + offs_m, m_full, N, offs_m, STATS_PER_KEY, WANT_DV, WANT_DK,
+                                True, PREC)
     return dk, dv, dacc
 
 
@@ -391,11 +392,8 @@ def _bwd_kv_kernel(Q, K, V, DO, M, R, DELTA, DK, DV_,
     do_base = DO + b * sdb
     do_off = offs_m[:, None] * sdn + offs_dv[None, :] * sdd
     m_base = M + b * N
-    m_off = offs_m
     r_base = R + b * N
-    r_off = offs_m
     dl_base = DELTA + b * N
-    dl_off = offs_m
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, DV], tl.float32)
     if STATS_PER_KEY:
@@ -407,16 +405,16 @@ def _bwd_kv_kernel(Q, K, V, DO, M, R, DELTA, DK, DV_,
         m_k = tl.load(M + b * N + cols, mask=n_valid, other=0.0)
         r_k = tl.load(R + b * N + cols, mask=n_valid, other=0.0)
         zero = tl.zeros([BLOCK_N], tl.float32)
-        dk, dv, delta_k = _kv_loop(dk, dv, zero, k, v, m_k, r_k, zero, q_base, q_off, do_base, do_off, m_base, m_off, r_base, r_off, dl_base, dl_off,
-                                   N, offs_m, sqn, sdn, True, True, False, BLOCK_M, PREC)
+        dk, dv, delta_k = _kv_loop(dk, dv, zero, k, v, m_k, r_k, zero, q_base, q_off, do_base, do_off, m_base, r_base,
+                                   dl_base, N, offs_m, sqn, sdn, True, True, False, BLOCK_M, PREC)
         tl.store(DELTA + b * N + cols, delta_k, mask=n_valid)
-        dk, dv, delta_k = _kv_loop(dk, dv, delta_k, k, v, m_k, r_k, delta_k, q_base, q_off, do_base, do_off, m_base, m_off, r_base, r_off,
-                                   dl_base, dl_off, N, offs_m, sqn, sdn, True, False, True, BLOCK_M, PREC)
+        dk, dv, delta_k = _kv_loop(dk, dv, delta_k, k, v, m_k, r_k, delta_k, q_base, q_off, do_base, do_off, m_base,
+                                   r_base, dl_base, N, offs_m, sqn, sdn, True, False, True, BLOCK_M, PREC)
     else:
         # Row softmax: D_i per query comes from _bwd_q_kernel (run first): one loop does both.
         zero = tl.zeros([BLOCK_N], tl.float32)
-        dk, dv, zero = _kv_loop(dk, dv, zero, k, v, zero, zero, zero, q_base, q_off, do_base, do_off, m_base, m_off, r_base, r_off, dl_base, dl_off,
-                                N, offs_m, sqn, sdn, False, True, True, BLOCK_M, PREC)
+        dk, dv, zero = _kv_loop(dk, dv, zero, k, v, zero, zero, zero, q_base, q_off, do_base, do_off, m_base, r_base,
+                                dl_base, N, offs_m, sqn, sdn, False, True, True, BLOCK_M, PREC)
     tl.store(DK + b * sdkb + cols[:, None] * sdkn + offs_d[None, :] * sdkd, dk.to(DK.dtype.element_ty),
              mask=n_valid[:, None])
     tl.store(DV_ + b * sdvb + cols[:, None] * sdvn + offs_dv[None, :] * sdvd, dv.to(DV_.dtype.element_ty),
@@ -449,17 +447,20 @@ def _q_step(dq, dacc, q, do, m_q, r_q, delta_q, k_ptrs, v_ptrs, m_ptrs, r_ptrs, 
 
 
 @triton.jit
-def _q_loop(dq, dacc, q, do, m_q, r_q, delta_q, k_base, k_off, v_base, v_off, m_base, m_off, r_base, r_off, dl_base, dl_off, N, offs_n, skn, svn,
-            STATS_PER_KEY: tl.constexpr, WANT_DQ: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+def _q_loop(dq, dacc, q, do, m_q, r_q, delta_q, k_base, k_off, v_base, v_off, m_base, r_base, dl_base,
+            N, offs_n, skn, svn, STATS_PER_KEY: tl.constexpr, WANT_DQ: tl.constexpr, BLOCK_N: tl.constexpr,
+            PREC: tl.constexpr):
     n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         st = tl.cast(start_n, tl.int64)
-        dq, dacc = _q_step(dq, dacc, q, do, m_q, r_q, delta_q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off, (m_base + st) + m_off,
-                           (r_base + st) + r_off, (dl_base + st) + dl_off, start_n, N, offs_n, STATS_PER_KEY, WANT_DQ, False, PREC)
+        dq, dacc = _q_step(dq, dacc, q, do, m_q, r_q, delta_q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off,
+                           m_base + st + offs_n, r_base + st + offs_n, dl_base + st + offs_n, start_n, N, offs_n,
+                           STATS_PER_KEY, WANT_DQ, False, PREC)
     if n_full < N:
         st = tl.cast(n_full, tl.int64)
-        dq, dacc = _q_step(dq, dacc, q, do, m_q, r_q, delta_q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off, (m_base + st) + m_off,
-                           (r_base + st) + r_off, (dl_base + st) + dl_off, n_full, N, offs_n, STATS_PER_KEY, WANT_DQ, True, PREC)
+        dq, dacc = _q_step(dq, dacc, q, do, m_q, r_q, delta_q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off,
+                           m_base + st + offs_n, r_base + st + offs_n, dl_base + st + offs_n, n_full, N, offs_n,
+                           STATS_PER_KEY, WANT_DQ, True, PREC)
     return dq, dacc
 
 
@@ -485,17 +486,14 @@ def _bwd_q_kernel(Q, K, V, DO, M, R, DELTA, DQ,
     v_base = V + b * svb
     v_off = offs_n[:, None] * svn + offs_dv[None, :] * svd
     m_base = M + b * N
-    m_off = offs_n
     r_base = R + b * N
-    r_off = offs_n
     dl_base = DELTA + b * N
-    dl_off = offs_n
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     if STATS_PER_KEY:
         # Column softmax: statistics and D_j per key, loaded in the loop (D_j from _bwd_kv_kernel).
         zero = tl.zeros([BLOCK_M], tl.float32)
-        dq, zero = _q_loop(dq, zero, q, do, zero, zero, zero, k_base, k_off, v_base, v_off, m_base, m_off, r_base, r_off, dl_base, dl_off, N, offs_n,
-                           skn, svn, True, True, BLOCK_N, PREC)
+        dq, zero = _q_loop(dq, zero, q, do, zero, zero, zero, k_base, k_off, v_base, v_off, m_base, r_base, dl_base,
+                           N, offs_n, skn, svn, True, True, BLOCK_N, PREC)
     else:
         # Row softmax: loop 1 sums D_i = sum_j P_ij dP_ij (exact cancellation for saturated rows, see
         # _bwd_kv_kernel; FlashAttention's dY . out differs from it by rounding), stores it for
@@ -503,11 +501,11 @@ def _bwd_q_kernel(Q, K, V, DO, M, R, DELTA, DQ,
         m_q = tl.load(M + b * N + rows, mask=m_valid, other=0.0)
         r_q = tl.load(R + b * N + rows, mask=m_valid, other=0.0)
         zero = tl.zeros([BLOCK_M], tl.float32)
-        dq, delta_q = _q_loop(dq, zero, q, do, m_q, r_q, zero, k_base, k_off, v_base, v_off, m_base, m_off, r_base, r_off, dl_base, dl_off, N, offs_n,
-                              skn, svn, False, False, BLOCK_N, PREC)
+        dq, delta_q = _q_loop(dq, zero, q, do, m_q, r_q, zero, k_base, k_off, v_base, v_off, m_base, r_base, dl_base,
+                              N, offs_n, skn, svn, False, False, BLOCK_N, PREC)
         tl.store(DELTA + b * N + rows, delta_q, mask=m_valid)
-        dq, delta_q = _q_loop(dq, delta_q, q, do, m_q, r_q, delta_q, k_base, k_off, v_base, v_off, m_base, m_off, r_base, r_off, dl_base, dl_off, N,
-                              offs_n, skn, svn, False, True, BLOCK_N, PREC)
+        dq, delta_q = _q_loop(dq, delta_q, q, do, m_q, r_q, delta_q, k_base, k_off, v_base, v_off, m_base, r_base,
+                              dl_base, N, offs_n, skn, svn, False, True, BLOCK_N, PREC)
     tl.store(DQ + b * sdqb + rows[:, None] * sdqn + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
              mask=m_valid[:, None])
 
