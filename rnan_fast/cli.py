@@ -203,6 +203,10 @@ def _plan_outputs(inputs: list[Path], outdir: Path, overwrite: bool) -> list[Pat
         o, ins = next(iter(clashes.items()))
         raise UserError(f"{len(clashes)} output name(s) would be written by several inputs, e.g. {o} "
                         f"from {', '.join(map(str, ins))}; restore them into separate folders")
+    sources = {i.resolve() for i in inputs}
+    for i, o in zip(inputs, outputs):
+        if o.resolve() in sources:
+            raise UserError(f"output {o} would replace the input {i}; choose another -o folder")
     if not overwrite:
         existing = [o for o in outputs if o.exists()]
         if existing:

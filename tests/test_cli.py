@@ -199,6 +199,8 @@ def test_restore_user_errors(ckpts, crops, tmp_path, capsys):
     Image.open(img).save(other)
     code, _, err = _run(["restore", "--weights", ckpts["rgb"], "-o", tmp_path / "never", img, other], capsys)
     assert code == 2 and "several inputs" in err
+    code, _, err = _run(["restore", "--weights", ckpts["rgb"], "-o", img.parent, "--overwrite", img], capsys)
+    assert code == 2 and "would replace the input" in err
     assert _run(["restore"], capsys)[0] == 2  # argparse usage error returns, does not raise
     assert _run(["--version"], capsys)[0] == 0
 
