@@ -45,8 +45,8 @@ def _naive(th, ph, g):
     return reference.nonlocal_attention_naive(th, ph, g, "query")
 
 
-def _sdpa2(th, ph, g):
-    eff = torch.ops.aten._scaled_dot_product_efficient_attention
+def _sdpa2(th, ph, g, eff=None):
+    eff = eff or torch.ops.aten._scaled_dot_product_efficient_attention
     q, k, v = (t.unsqueeze(1) for t in (th, ph, g))                    # (B, 1, N, D)
     B, _, N, _ = q.shape
     _, lse_key, _, _ = eff(k, q, k, None, True, 0.0, False, scale=1.0)  # softmax over queries, per key
@@ -135,3 +135,15 @@ def test_cpu_reference_blocked_vs_naive(benchmark):
     t = benchmark.stats.stats.median
     benchmark.extra_info.update({"provider": "reference-blocked", "B": B, "N": N, "d": D,
                                  "scores_per_s": B * N * N / t, "device": "cpu"})
+
+
+def test_cpu_sdpa2_composite_formula():
+    """The composite's algebra (bias -LSE_j, rescale by exp(LSE_i)) against naive, with a PyTorch
+    stand-in for the CUDA-only efficient-attention op (same signature and outputs)."""
+
+    def eff(q, k, v, bias, compute_lse, dropout_p, is_causal, scale):
+        s = q @ k.transpose(-1, -2) * scale + (0 if bias is None else bias)
+        return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1), None, None
+
+    th, ph, g = (t.double() for t in _inputs(2, 50, torch.float32, "cpu", False))
+    torch.testing.assert_close(_sdpa2(th, ph, g, eff), _naive(th, ph, g))
