@@ -91,7 +91,8 @@ def test_chop_small_input_is_one_split_of_four_quadrants(scale):
         assert net.calls == 4
         # quadrant sides: 4 * floor((side // 2) / 4) + 12
         assert set(net.shapes) == {(4 * (15 // 4) + 12, 4 * (21 // 4) + 12)}
-        torch.testing.assert_close(y, net.inner(x), rtol=1e-12, atol=1e-10)  # local model: margin >= 9 pixels covers its radius 3
+        # local model: the margin (>= 9 pixels) covers its receptive radius 3
+        torch.testing.assert_close(y, net.inner(x), rtol=1e-12, atol=1e-10)
 
 
 def test_chop_matches_manual_quadrant_assembly_for_a_global_model():
