@@ -356,10 +356,10 @@ def test_triton_under_compile_fullgraph():
 
 
 @needs_triton
-def test_triton_fake_matches_real_metadata():
-    th, ph, g = make_inputs(2, 9, 16, 32, seed=15, device=DEV)
-    torch.library.opcheck(op, (th, ph, g, "query", "triton"),
-                          test_utils=("test_schema", "test_faketensor"))
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck_triton(mode):
+    th, ph, g = (t.requires_grad_() for t in make_inputs(2, 9, 16, 32, seed=15, device=DEV))
+    torch.library.opcheck(op, (th, ph, g, mode, "triton"))
 
 
 # ------------------------------------------------------------------------------------------------
