@@ -268,6 +268,10 @@ def test_eval_noise_is_seeded_per_image(ckpts, crops, tmp_path, capsys):
     from rnan_fast.metrics import psnr
 
     assert float(full[1]["psnr"]) == pytest.approx(psnr(img, noisy), abs=1e-5)
+    argv = ["eval", "--baseline", "--task", "denoise_rgb", "--sigma", 25, "--data", crops["eval"], "--quiet",
+            "--no-ssim", "--quantize-noisy", "--csv", tmp_path / "q.csv"]
+    assert _run(argv, capsys)[0] == 0
+    assert float(_read_csv(tmp_path / "q.csv")[1]["psnr"]) == pytest.approx(psnr(img, D.to_uint8(noisy)), abs=1e-5)
 
 
 def test_eval_user_errors(ckpts, crops, tmp_path, capsys):
