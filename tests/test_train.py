@@ -315,3 +315,16 @@ def test_cuda_graph_sees_learning_rate_changes():
             s.step()
     assert float(graphed.optimizer.param_groups[0]["lr"]) == pytest.approx(1e-3 / 8)
     assert max_rel_diff(net, twin, adam=True) < 1e-3
+
+
+@needs_cuda
+def test_graphed_step_never_synchronises_the_host():
+    _, _, graphed, _ = _gpu_pair(precision="bf16")
+    batches = [denoise_batch(batch=2, size=24, dtype=torch.float32, seed=s, device="cuda") for s in range(3)]
+    graphed(*batches[0])  # capture (warm-up may synchronise: autotuning, allocation)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [graphed(*b) for b in batches[1:]]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(v) for v in losses)
