@@ -187,7 +187,7 @@ def _fwd_row_kernel(Q, K, V, O, M, R,
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward, column softmax (official RNAN). Pass 1: L2_j per key, key-major.
+# Forward, column softmax (official RNAN). Pass 1: (m_j, r_j) per key, key-major.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _col_lse_step(m_j, l_j, k, q_ptrs, start_m, N, offs_m,
@@ -236,7 +236,7 @@ def _col_lse_kernel(Q, K, M, R, sqb, sqn, sqd, skb, skn, skd,
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward, column softmax. Pass 2: out_i = sum_j exp2(S_ij log2e - L2_j) g_j, query-major.
+# Forward, column softmax. Pass 2: out_i = sum_j exp2((S_ij - m_j) log2e - r_j) g_j, query-major.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _known_lse_step(acc, q, k_ptrs, v_ptrs, m_ptrs, r_ptrs, start_n, N, offs_n,
