@@ -6,7 +6,7 @@
 #   BENCH_FILTER=gated bash scripts/gpu_check.sh   # only benchmarks whose name matches
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_out}
+export OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
