@@ -13,6 +13,8 @@ import contextlib
 import os
 from typing import Callable, Iterator
 
+import torch
+
 GLOBAL_CHOICES = ("auto", "reference", "fast")
 
 _state = {"backend": "auto"}
@@ -66,6 +68,17 @@ def resolve(op: str, requested: str | None, fast: str, why_not: Callable[[bool],
         return fast
     raise ValueError(f"rnan_fast.ops.{op}: unknown backend {choice!r}; "
                      f"choose one of None, 'auto', 'reference', 'fast', {fast!r}")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype in force for `device`'s type, or None outside autocast.
+
+    The ops are custom ops, which autocast does not cast: their wrappers ask this and cast
+    their inputs themselves, the way PyTorch treats its own ops of the same kind.
+    """
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
 
 _env = os.environ.get("RNAN_FAST_BACKEND")

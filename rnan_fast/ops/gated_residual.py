@@ -139,11 +139,16 @@ def gated_residual(x: Tensor, mask_logits: Tensor, trunk: Tensor, backend: str |
     backend: None (global setting), "auto", "reference", "extension" (or "fast"). "auto" takes
     the extension for CPU tensors, and for CUDA tensors when it was built with CUDA, in
     float32 / float16 / bfloat16 / float64; otherwise the reference.
-    The output has x's memory format (channels_last in, channels_last out).
+    The output has x's memory format (channels_last in, channels_last out). Under autocast,
+    inputs of different float dtypes are first cast to the widest of them.
     """
     for name, t in (("x", x), ("mask_logits", mask_logits), ("trunk", trunk)):
         if not isinstance(t, Tensor):
             raise TypeError(f"gated_residual: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if _backend.autocast_dtype(x.device) is not None:
+        # Elementwise, like PyTorch's own x + sigmoid(m) * t under autocast: the widest dtype.
+        common = torch.promote_types(torch.promote_types(x.dtype, mask_logits.dtype), trunk.dtype)
+        x, mask_logits, trunk = (t.to(common) for t in (x, mask_logits, trunk))
     if not (x.shape == mask_logits.shape == trunk.shape):
         raise ValueError(f"gated_residual: shapes differ (x {tuple(x.shape)}, mask_logits "
                          f"{tuple(mask_logits.shape)}, trunk {tuple(trunk.shape)})")
