@@ -69,8 +69,9 @@ Dot precision: fp16/bf16 use tensor cores. fp32 follows torch.get_float32_matmul
 fraction of the cost of "ieee" FMA dots; switch the constant to "ieee" if a GPU run shows
 tf32x3 outside the tests' tolerance), "high"/"medium" -> "tf32".
 
-Tuning: on a GPU every kernel is autotuned over a few block/warp/stage configs, keyed on
-(N bucket = next power of two, D, DV, dot precision, dtypes). Tuning benchmarks (and syncs), so
+Tuning: on a GPU every kernel is autotuned over 8 block/warp/stage configs, keyed on
+(N bucket = next power of two, D, DV, dot precision, dtypes); RNAN_FAST_AUTOTUNE=0 skips tuning
+(first config of each list; the GPU tests use it to keep compile time down). Tuning benchmarks (and syncs), so
 run each new shape once eagerly before capturing a CUDA graph. Under TRITON_INTERPRET=1 (CPU
 tests) one small asymmetric config (BLOCK_M=32, BLOCK_N=16) is used and nothing is tuned.
 Launches go to the current stream; no host synchronisation, no .item().
@@ -103,23 +104,36 @@ def _configs(pairs):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
 
+# The first config of each list is the default when tuning is off (RNAN_FAST_AUTOTUNE=0): chosen
+# spill-free for bf16 at d = 32 and 64 by ptxas (compiled for sm_90 without a GPU).
 # Query-major: a big own block amortises the q load and the accumulator; the streamed block
 # is what the pipeline stages hold.
-_QMAJOR = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4),
+_QMAJOR = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 4),
            (64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 4, 3), (64, 32, 4, 4)]
 # Key-major: the roles swap (own BLOCK_N keys, stream BLOCK_M queries).
 _KMAJOR = [(64, 128, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2), (32, 128, 4, 4),
            (64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 4, 3), (32, 64, 4, 4)]
 # The backward kernels hold more live tiles (dK and dV, or dQ, plus P and dP): smaller blocks.
-# (fp32 inputs with tf32x3 dots need the small ones: ptxas reports spills for 64x64 there.)
-_BWD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2),
-        (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)]
+# fp32 inputs with tf32x3 dots need the small ones (ptxas reports spills for 64x64 there).
+_BWD_SMALL = [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)]
+_BWD_KV = [(64, 128, 8, 2), (128, 64, 8, 2)] + _BWD_SMALL     # own BLOCK_N keys
+_BWD_Q = [(128, 64, 8, 2), (64, 128, 8, 2)] + _BWD_SMALL      # own BLOCK_M queries
 
 _KEY = ["N_BUCKET", "D", "DV", "PREC"]
 
 
+def tuning_enabled() -> bool:
+    """Autotuning on (default) unless RNAN_FAST_AUTOTUNE=0, read at each new tuning key. Off, every
+    kernel runs its first config: no benchmarking, one compile per kernel variant (fast tests)."""
+    return os.environ.get("RNAN_FAST_AUTOTUNE", "1") not in ("", "0")
+
+
+def _prune(configs, named_args, **kwargs):
+    return configs if tuning_enabled() else configs[:1]
+
+
 def _autotune(pairs):
-    return triton.autotune(configs=_configs(pairs), key=_KEY)
+    return triton.autotune(configs=_configs(pairs), key=_KEY, prune_configs_by={"early_config_prune": _prune})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,7 +383,7 @@ def _kv_loop(dk, dv, dacc, k, v, m_k, r_k, delta_k, q_base, q_off, do_base, do_o
     return dk, dv, dacc
 
 
-@_autotune(_BWD)
+@_autotune(_BWD_KV)
 @triton.jit
 def _bwd_kv_kernel(Q, K, V, DO, M, R, DELTA, DK, DV_,
                    sqb, sqn, sqd, skb, skn, skd, svb, svn, svd, sdb, sdn, sdd,
@@ -464,7 +478,7 @@ def _q_loop(dq, dacc, q, do, m_q, r_q, delta_q, k_base, k_off, v_base, v_off, m_
     return dq, dacc
 
 
-@_autotune(_BWD)
+@_autotune(_BWD_Q)
 @triton.jit
 def _bwd_q_kernel(Q, K, V, DO, M, R, DELTA, DQ,
                   sqb, sqn, sqd, skb, skn, skd, svb, svn, svd, sdb, sdn, sdd, sdqb, sdqn, sdqd,

@@ -4,6 +4,7 @@ Ground truth is always `nonlocal_attention_naive` in float64. Low-precision resu
 tolerance rule: error vs float64 <= 2 x (PyTorch's own error computing the naive formula in that
 dtype) + a small floor relative to the result's magnitude.
 """
+import os
 import random
 
 import pytest
@@ -14,6 +15,9 @@ from rnan_fast import _ext, reference
 from rnan_fast.ops import nonlocal_attention
 
 op = torch.ops.rnan_fast.nonlocal_attention
+# On a GPU, run each kernel's default config instead of autotuning 8 per shape class (compile time
+# would dominate the test session); RNAN_FAST_AUTOTUNE=1 tests the tuned configs instead.
+os.environ.setdefault("RNAN_FAST_AUTOTUNE", "0")
 # Under the interpreter, rows past N in a partial block (computed, never stored) may overflow to
 # inf/nan in numpy; stored results are checked for finiteness below.
 pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
