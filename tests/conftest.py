@@ -51,3 +51,19 @@ def _restore_backend():
     rnan_fast.set_backend("auto")
     yield
     rnan_fast.set_backend(previous)
+
+
+@pytest.fixture
+def official_ops(monkeypatch):
+    """A function that routes rnan_fast.ops through the official formulas: the full N x N
+    softmax (reference.nonlocal_attention_naive) and `trunk * sigmoid(logits) + x`, both
+    differentiated by PyTorch's autograd. Pass a `monkeypatch.context()` to limit its scope."""
+    import rnan_fast
+
+    def apply(patcher=monkeypatch):
+        patcher.setattr(rnan_fast.ops, "nonlocal_attention",
+                        lambda theta, phi, g, softmax_over="query", backend=None:
+                        rnan_fast.reference.nonlocal_attention_naive(theta, phi, g, softmax_over))
+        patcher.setattr(rnan_fast.ops, "gated_residual",
+                        lambda x, mask_logits, trunk, backend=None: trunk * torch.sigmoid(mask_logits) + x)
+    return apply

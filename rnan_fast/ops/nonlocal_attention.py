@@ -114,7 +114,14 @@ def nonlocal_attention(theta: Tensor, phi: Tensor, g: Tensor, softmax_over: str 
 
     softmax_over="query" normalises over queries (the official RNAN, softmax dim=1);
     "key" is ordinary attention. No 1/sqrt(d) scaling. backend: see rnan_fast.set_backend.
+    Under autocast, float32/float16/bfloat16 inputs are cast to the autocast dtype.
     """
+    dtype = _backend.autocast_dtype(theta.device) if isinstance(theta, Tensor) else None
+    if dtype is not None:
+        # Matmul-like, so under autocast it runs in the autocast dtype, as PyTorch's own
+        # attention does (autocast does not cast custom ops by itself).
+        theta, phi, g = (t.to(dtype) if isinstance(t, Tensor) and t.dtype != torch.float64 else t
+                         for t in (theta, phi, g))
     _check_inputs(theta, phi, g)
     reference.check_softmax_over(softmax_over)
     kernel = _backend.resolve("nonlocal_attention", backend, "triton",
