@@ -42,6 +42,17 @@ def data_dir(shared_dir) -> Path:
     return _require(shared_dir / "data")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-network tests (`pytestmark =
+    pytest.mark.usefixtures("one_thread")`): they gain nothing from threads, and on a busy
+    2-core machine OpenMP's spinning threads slowed them down a hundredfold."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _restore_backend():
     """Every test starts and ends on the default global backend."""

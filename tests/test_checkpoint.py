@@ -11,15 +11,7 @@ from rnan_fast import RNAN
 from rnan_fast.model import CheckpointError, infer_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks gain nothing from threads, and on a busy 2-core machine OpenMP's spinning
-    threads slow them down a hundredfold; restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _tiny(**kw):
     cfg = {"n_colors": 1, "scale": 1, "n_feats": 4, "n_resgroups": 2, **kw}

@@ -10,15 +10,7 @@ import rnan_fast
 from rnan_fast import RNAN, modules, reference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks gain nothing from threads, and on a busy 2-core machine OpenMP's spinning
-    threads slow them down a hundredfold; restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _fixture_files(fixtures_dir):
     files = sorted(fixtures_dir.glob("official_*_tiny.pt"))

@@ -18,15 +18,7 @@ CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graph path: needs a CUDA device")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """The tiny models here are all per-op overhead; with the CPU shared, a second intra-op
-    thread spin-waits and makes these tests ~10x slower. One thread, restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_rnan(scale=1, dtype=torch.float64, seed=0, n_resgroups=2):
     """A tiny RNAN whose non-local output convs W are random (the official zero init would
