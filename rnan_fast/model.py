@@ -294,9 +294,13 @@ def _unwrap(obj: Any, source: str) -> dict:
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"{source}: expected a state dict (a mapping of names to tensors), "
                                   f"found {type(obj).__name__}")
-        if any(isinstance(v, Tensor) for v in obj.values()):
+        # Go down into a wrapper key unless this level holds the weights themselves: a training
+        # checkpoint may keep tensors beside its state dict ({"state_dict": ..., "best_psnr": t}).
+        inner = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), (Mapping, nn.Module))), None)
+        holds_weights = any(isinstance(v, Tensor) and isinstance(k, str) and k.endswith("head.0.weight")
+                            for k, v in obj.items())
+        if holds_weights or (inner is None and any(isinstance(v, Tensor) for v in obj.values())):
             break
-        inner = next((k for k in _WRAPPER_KEYS if k in obj), None)
         if inner is None:
             keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
             raise CheckpointError(f"{source}: no tensors found, and none of the keys "

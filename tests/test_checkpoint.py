@@ -104,7 +104,8 @@ def test_wrapped_state_dicts(tmp_path, wrap):
     net = _tiny()
     sd = _random_state_dict(net, 1)
     path = tmp_path / "wrapped.pt"
-    torch.save({wrap: sd, "epoch": 7, "optimizer": {"lr": 1e-4}}, path)
+    # Tensors beside the wrapped state dict (a best-PSNR record) must not stop the unwrapping.
+    torch.save({wrap: sd, "epoch": 7, "best_psnr": torch.tensor(30.1), "optimizer": {"lr": 1e-4}}, path)
     _assert_loaded(RNAN.from_checkpoint(path), sd)
     _assert_loaded(RNAN.from_checkpoint({wrap: sd}), sd)
 
