@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from rnan_fast.imresize import imresize, round_half_away
+from rnan_fast.imresize import imresize, to_uint8
 
 __all__ = [
     "IMAGE_EXTENSIONS", "ImageReadError", "read_image", "write_png_atomic", "list_images",
@@ -136,15 +136,8 @@ def rgb_to_y(img: np.ndarray, rounded: bool = True) -> np.ndarray:
     a = img.astype(np.float64)
     y = (65.481 * a[..., 0] + 128.553 * a[..., 1] + 24.966 * a[..., 2]) / 255.0 + 16.0
     if rounded:
-        return np.clip(round_half_away(y), 0, 255).astype(np.uint8)
+        return to_uint8(y)
     return y
-
-
-def to_uint8(img: np.ndarray) -> np.ndarray:
-    """Round (half away from zero) and clamp a 0..255 float image to uint8."""
-    if img.dtype == np.uint8:
-        return img
-    return np.clip(round_half_away(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- degradations

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-__all__ = ["imresize", "cubic", "contributions", "round_half_away"]
+__all__ = ["imresize", "cubic", "contributions", "round_half_away", "to_uint8"]
 
 
 def cubic(x: np.ndarray) -> np.ndarray:
@@ -83,6 +83,15 @@ def round_half_away(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.floor(np.abs(x) + 0.5)
 
 
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """Round (half away from zero, as MATLAB) and clamp a 0..255 image to uint8; uint8 is
+    returned as is. The one rounding rule of the package: imresize's uint8 passes, the stored
+    noisy inputs, rgb2ycbcr's rounded Y, 16-bit file reading and the restored outputs use it."""
+    if img.dtype == np.uint8:
+        return img
+    return np.clip(round_half_away(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
+
+
 def imresize(img: np.ndarray, scale: float | None = None, output_shape: tuple[int, int] | None = None,
              antialiasing: bool = True, padding: str = "symmetric") -> np.ndarray:
     """Bicubic resize of an (H, W) or (H, W, C) image, as MATLAB's imresize.
@@ -115,5 +124,5 @@ def imresize(img: np.ndarray, scale: float | None = None, output_shape: tuple[in
     for axis in order:
         a = _resize_axis(a, axis, out_hw[axis], scales[axis], antialiasing, padding)
         if is_uint8:
-            a = np.clip(round_half_away(a), 0, 255)
-    return a.astype(np.uint8) if is_uint8 else a
+            a = to_uint8(a)
+    return a

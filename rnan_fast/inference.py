@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rnan_fast.imresize import to_uint8
+
 __all__ = ["model_scale", "model_colors", "forward_tiled", "forward_chop", "forward_x8",
            "restore_tensor", "restore_image", "DTYPES"]
 
@@ -231,5 +233,5 @@ def restore_image(model, img: np.ndarray, device: torch.device | str = "cpu",
     if not np.isfinite(y).all():
         hint = " (fp16 overflow? try bf16 or fp32)" if dtype == torch.float16 else ""
         raise FloatingPointError(f"the model produced non-finite values{hint}")
-    y = np.clip(np.sign(y) * np.floor(np.abs(y) + 0.5), 0, 255).astype(np.uint8)
+    y = to_uint8(y)
     return y[0] if y.shape[0] == 1 else y.transpose(1, 2, 0)

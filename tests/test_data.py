@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from rnan_fast import data as D
-from rnan_fast.imresize import contributions, imresize, round_half_away
+from rnan_fast.imresize import contributions, imresize, round_half_away, to_uint8
 from rnan_fast.metrics import evaluate, gaussian_window, psnr, ssim
 
 SET5 = ["baby", "bird", "butterfly", "head", "woman"]
@@ -60,7 +60,19 @@ def test_imresize_rounds_after_each_pass():
     assert out.dtype == np.uint8 and out.shape == (20, 18, 3)
     f = imresize(img.astype(np.float64), 0.5)
     assert f.dtype == np.float64
-    assert _diff(out, np.clip(round_half_away(f), 0, 255).astype(np.uint8)).max() <= 1
+    assert _diff(out, D.to_uint8(f)).max() <= 1
+
+
+def test_to_uint8_is_the_one_rounding():
+    """One round-half-away-and-clamp for the package: data and imresize share it."""
+    assert D.to_uint8 is to_uint8
+    halves = np.array([-0.5, 0.5, 1.5, 2.5, 254.5, 255.49, 255.5, 300.0, -3.2])
+    assert to_uint8(halves).tolist() == [0, 1, 2, 3, 255, 255, 255, 255, 0]  # not half-to-even
+    x = np.random.default_rng().uniform(-40, 300, (9, 7, 3))
+    expected = np.clip(np.sign(x) * np.floor(np.abs(x) + 0.5), 0, 255).astype(np.uint8)
+    assert np.array_equal(to_uint8(x), expected) and np.array_equal(round_half_away(x), np.sign(x) * np.floor(np.abs(x) + 0.5))
+    u = np.random.default_rng().integers(0, 256, (4, 5), dtype=np.uint8)
+    assert to_uint8(u) is u
 
 
 def test_imresize_basic_properties():
