@@ -47,33 +47,52 @@ class ImageReadError(ValueError):
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image as uint8: (H, W) for gray files, (H, W, 3) for colour ones.
 
-    Alpha is dropped; palette, 16-bit and other modes are converted by Pillow to "L" or "RGB".
-    Raises ImageReadError (a ValueError) naming the file when it cannot be read or decoded.
+    The scale comes from the file's Pillow mode, never from its content:
+
+    - "L", "RGB": as stored; "1", "LA": gray ("1" gives 0 and 255); palette, alpha and other
+      colour modes: Pillow's convert("RGB") (alpha dropped).
+    - 16-bit gray ("I;16", "I;16L", "I;16B", "I;16N"): 0..65535 mapped to 0..255 by /257,
+      rounded half away from zero, so a dark 16-bit image stays dark.
+    - 32-bit integer ("I") and float ("F") images are refused: such files carry no agreed
+      value range (0..255? 0..65535? 0..1?), and guessing one would silently change PSNR.
+      Convert them to 8- or 16-bit first.
+
+    Raises ImageReadError (a ValueError) naming the file when it cannot be read or decoded,
+    when Pillow refuses it as a decompression bomb, or for the refused modes above.
     """
     path = Path(path)
     try:
         with Image.open(path) as im:
+            mode = im.mode
+            if mode in ("I", "F") or (mode.startswith("I;") and mode not in _MODES_16BIT):
+                kind = "32-bit integer" if mode == "I" else ("floating-point" if mode == "F" else "signed")
+                raise ImageReadError(f"{path}: {kind} images (Pillow mode {mode}) are not supported, their "
+                                     f"value range is ambiguous; convert the file to 8- or 16-bit")
             im.load()
-            if im.mode in ("L", "RGB"):
-                out = im
-            elif im.mode in ("1", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
-                if im.mode.startswith("I") or im.mode == "F":
-                    arr = np.asarray(im, dtype=np.float64)
-                    scale = 255.0 / 65535.0 if arr.max() > 255 else 1.0
-                    return np.clip(round_half_away(arr * scale), 0, 255).astype(np.uint8)
-                out = im.convert("L")
+            if mode in _MODES_16BIT:
+                arr = to_uint8(np.asarray(im, dtype=np.float64) / 257.0)
+            elif mode in ("L", "RGB"):
+                arr = np.array(im, dtype=np.uint8)
+            elif mode in ("1", "LA"):
+                arr = np.array(im.convert("L"), dtype=np.uint8)
             else:
-                out = im.convert("RGB")
-            arr = np.array(out, dtype=np.uint8)
+                arr = np.array(im.convert("RGB"), dtype=np.uint8)
+    except ImageReadError:
+        raise
     except FileNotFoundError:
         raise ImageReadError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ImageReadError(f"{path}: is a directory") from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"{path}: refused as a possible decompression bomb ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"{path}: not a readable image ({e})") from None
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     return arr
+
+
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def write_png_atomic(path: str | os.PathLike, img: np.ndarray) -> None:

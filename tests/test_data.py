@@ -141,15 +141,21 @@ def test_jpeg_and_modcrop():
 
 
 def test_read_image_modes_and_errors(tmp_path):
-    rgba = np.zeros((5, 6, 4), np.uint8)
-    rgba[..., 0] = 200
+    rng = np.random.default_rng()
+    rgba = rng.integers(1, 256, (5, 6, 4), dtype=np.uint8)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
-    assert D.read_image(tmp_path / "a.png").shape == (5, 6, 3)
-    Image.fromarray(np.zeros((5, 6), np.uint8)).convert("P").save(tmp_path / "p.png")
-    assert D.read_image(tmp_path / "p.png").shape in ((5, 6), (5, 6, 3))
-    Image.fromarray((np.arange(30).reshape(5, 6) * 2000).astype(np.uint16)).save(tmp_path / "i16.png")
-    i16 = D.read_image(tmp_path / "i16.png")
-    assert i16.dtype == np.uint8 and i16.shape == (5, 6)
+    assert np.array_equal(D.read_image(tmp_path / "a.png"), rgba[..., :3])  # alpha dropped
+    # palette image: an RGB (H, W, 3) array of the palette's colours
+    palette = rng.integers(1, 256, (256, 3), dtype=np.uint8)
+    index = rng.integers(0, 256, (5, 6), dtype=np.uint8)
+    p = Image.frombytes("P", (6, 5), index.tobytes())
+    p.putpalette(palette.flatten().tolist())
+    p.save(tmp_path / "p.png")
+    got = D.read_image(tmp_path / "p.png")
+    assert got.shape == (5, 6, 3) and np.array_equal(got, palette[index])
+    gray = rng.integers(1, 256, (5, 6), dtype=np.uint8)
+    Image.fromarray(gray, "L").save(tmp_path / "l.png")
+    assert np.array_equal(D.read_image(tmp_path / "l.png"), gray)
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(D.ImageReadError, match="bad.png"):
         D.read_image(tmp_path / "bad.png")
@@ -161,6 +167,41 @@ def test_read_image_modes_and_errors(tmp_path):
     with pytest.raises(D.ImageReadError, match="missing.png"):
         D.read_image(tmp_path / "missing.png")
     assert isinstance(D.ImageReadError("x"), ValueError)
+
+
+@pytest.mark.parametrize("name,dtype", [("w.png", np.uint16), ("w.tif", np.uint16), ("b.tif", ">u2")])
+def test_read_image_16bit_scale_by_mode(tmp_path, name, dtype):
+    """16-bit files always map 0..65535 to 0..255 (/257), whatever their content: a dark image
+    stays dark, instead of reading ~257x too bright because no pixel exceeds 255."""
+    rng = np.random.default_rng()
+    for hi in (65536, 256):  # full range, then a dark image (every value <= 255)
+        v = rng.integers(1, hi, (5, 7)).astype(dtype)
+        im = Image.fromarray(v)
+        assert im.mode.startswith("I;16")
+        im.save(tmp_path / name)
+        got = D.read_image(tmp_path / name)
+        assert got.dtype == np.uint8 and got.shape == (5, 7)
+        assert np.array_equal(got, D.to_uint8(v.astype(np.float64) / 257.0)), hi
+    assert got.max() <= 1  # the dark one
+
+
+@pytest.mark.parametrize("dtype,mode", [(np.int32, "I"), (np.float32, "F")])
+def test_read_image_rejects_32bit_modes(tmp_path, dtype, mode):
+    """32-bit integer and float images have no agreed 0..255 mapping: refused by name."""
+    v = np.random.default_rng().uniform(1, 1000, (4, 6)).astype(dtype)
+    im = Image.fromarray(v)
+    assert im.mode == mode
+    im.save(tmp_path / "deep.tif")
+    with pytest.raises(D.ImageReadError, match=r"deep\.tif.*mode " + mode):
+        D.read_image(tmp_path / "deep.tif")
+
+
+def test_read_image_decompression_bomb(tmp_path, monkeypatch):
+    img = np.random.default_rng().integers(1, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 600 pixels > 2 * 100: Pillow refuses
+    with pytest.raises(D.ImageReadError, match="bomb.png"):
+        D.read_image(tmp_path / "bomb.png")
 
 
 def test_write_png_atomic(tmp_path):
