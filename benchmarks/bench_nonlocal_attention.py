@@ -75,8 +75,8 @@ def _naive_bytes(B, N, dtype, backward):
 def test_nonlocal_attention(benchmark, provider, B, N, dtype_name, passes):
     dtype = DTYPES[dtype_name]
     backward = passes == "fwd+bwd"
-    if provider == "ours" and not _ext.TRITON:
-        pytest.skip(f"Triton unavailable: {_ext.TRITON_ERROR}")
+    if provider == "ours" and not _ext.triton_available():
+        pytest.skip(f"Triton unavailable: {_ext.triton_error()}")
     if provider == "sdpa2" and backward:
         pytest.skip("sdpa2 is forward only: the efficient-attention kernel has no gradient for its LSE output")
     free, _ = torch.cuda.mem_get_info()

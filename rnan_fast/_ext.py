@@ -5,6 +5,7 @@ Nothing here raises: a missing piece only sets its flag to False and records why
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -24,10 +25,22 @@ else:
     except Exception as e:  # an ABI mismatch (built against another torch) surfaces as ImportError/OSError
         EXTENSION_ERROR = f"rnan_fast._C failed to load: {type(e).__name__}: {e}"
 
-TRITON_ERROR = ""
-TRITON = importlib.util.find_spec("triton") is not None
-if not TRITON:
-    TRITON_ERROR = "triton is not installed"
+
+@functools.lru_cache(maxsize=None)
+def triton_error() -> str:
+    """Empty when Triton imports, else why not. Imported on first use, not by `import rnan_fast`:
+    TRITON_INTERPRET must be set before Triton's first import, and the import costs ~1 s."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        importlib.import_module("triton.language")
+    except Exception as e:  # a broken install must fall back to the reference, not fail the model
+        return f"triton failed to import: {type(e).__name__}: {e}"
+    return ""
+
+
+def triton_available() -> bool:
+    return not triton_error()
 
 
 def triton_interpret() -> bool:
@@ -36,12 +49,7 @@ def triton_interpret() -> bool:
 
 
 def triton_version() -> str | None:
-    if not TRITON:
-        return None
-    try:
-        return importlib.import_module("triton").__version__
-    except Exception as e:  # a broken install: report it rather than fail the import
-        return f"unimportable ({type(e).__name__}: {e})"
+    return importlib.import_module("triton").__version__ if triton_available() else None
 
 
 def backend_info() -> dict:
@@ -53,8 +61,8 @@ def backend_info() -> dict:
         "extension": EXTENSION,
         "extension_cuda": EXTENSION_CUDA,
         "extension_error": EXTENSION_ERROR or None,
-        "triton": TRITON,
-        "triton_error": TRITON_ERROR or None,
+        "triton": triton_available(),
+        "triton_error": triton_error() or None,
         "triton_interpret": triton_interpret(),
         "cuda": torch.cuda.is_available(),
         "torch": torch.__version__,

@@ -20,8 +20,8 @@ import torch
 
 SOFTMAX_OVER = ("query", "key")
 
-# Bytes of fp32 temporaries one block may hold (scores, probabilities and their gradient):
-# 256 MiB keeps a whole 512x512 image (N = 262144) at ~85 rows per block.
+# Bytes of temporaries one block may hold (scores, probabilities and their gradient):
+# in fp32, 256 MiB keeps a whole 512x512 image (N = 262144) at ~85 rows per block.
 BLOCK_BUDGET_BYTES = 256 * 2**20
 
 
@@ -30,14 +30,16 @@ def check_softmax_over(softmax_over: str) -> None:
         raise ValueError(f"softmax_over must be 'query' (official RNAN) or 'key', got {softmax_over!r}")
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
     # float64 stays float64 (the tests' ground truth); everything else computes in float32,
     # since unscaled scores reach ~1e4 on 0..255 images and overflow fp16.
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _block_rows(batch: int, n: int, budget: int = BLOCK_BUDGET_BYTES) -> int:
-    return max(1, min(n, budget // max(1, 3 * 4 * batch * n)))
+def _block_rows(batch: int, n: int, dtype: torch.dtype, budget: int = BLOCK_BUDGET_BYTES) -> int:
+    """Rows per block so that three (batch, rows, n) temporaries of `dtype` fit in `budget` bytes."""
+    itemsize = dtype.itemsize
+    return max(1, min(n, budget // max(1, 3 * itemsize * batch * n)))
 
 
 def _without_autocast(fn):
@@ -62,15 +64,16 @@ def nonlocal_attention_naive(theta, phi, g, softmax_over: str = "query"):
 
 @_without_autocast
 def nonlocal_attention_forward(theta, phi, g, softmax_over: str = "query", block: int | None = None):
-    """Blocked forward. Returns (out (B, N, dv) in g's dtype, lse (B, N) float32 or float64).
+    """Blocked forward. Returns (out (B, N, dv), lse (B, N)), both in the compute dtype: float64 for
+    float64 inputs, float32 otherwise (the op casts `out` back to the inputs' dtype).
 
     lse is per key for "query" and per query for "key" (the normaliser the backward needs).
     """
     check_softmax_over(softmax_over)
-    ct = _compute_dtype(g)
+    ct = compute_dtype(g)
     theta, phi, g = theta.to(ct), phi.to(ct), g.to(ct)
     B, N, _ = theta.shape
-    block = block or _block_rows(B, N)
+    block = block or _block_rows(B, N, ct)
     if block >= N:
         # Everything fits in one block: compute the scores once, oriented so that the softmax
         # runs along the contiguous last dim ((keys, queries) for "query"), in place. About 0.8x
@@ -115,10 +118,10 @@ def nonlocal_attention_backward(dout, theta, phi, g, lse, softmax_over: str = "q
     """
     check_softmax_over(softmax_over)
     dtypes = (theta.dtype, phi.dtype, g.dtype)
-    ct = _compute_dtype(g)
+    ct = compute_dtype(g)
     dout, theta, phi, g, lse = (t.to(ct) for t in (dout, theta, phi, g, lse))
     B, N, _ = theta.shape
-    block = block or _block_rows(B, N)
+    block = block or _block_rows(B, N, ct)
     dtheta, dphi, dg = torch.zeros_like(theta), torch.zeros_like(phi), torch.zeros_like(g)
     for s in range(0, N, block):
         sl = slice(s, s + block)
@@ -146,7 +149,7 @@ def gated_residual(x, mask_logits, trunk):
 
 def gated_residual_backward(grad, mask_logits, trunk):
     """(grad_mask_logits, grad_trunk); grad_x is `grad` itself. Math in float32 for half inputs."""
-    ct = _compute_dtype(grad)
+    ct = compute_dtype(grad)
     s = torch.sigmoid(mask_logits.to(ct))
     gc = grad.to(ct)
     grad_trunk = gc * s

@@ -7,7 +7,7 @@
     opt = make_optimizer(net)                      # Adam(lr 1e-4, betas (0.9, 0.999), eps 1e-8), fused on CUDA
     step = make_train_step(net, opt, loss="mse", precision="bf16")
     for lr_batch, hr_batch in loader:              # (16, 3, 48, 48) each for denoising
-        loss = step(lr_batch, hr_batch)            # 0-dim fp32 tensor on the model's device; no host sync
+        loss = step(lr_batch, hr_batch)            # 0-dim tensor on the model's device; no host sync
 
 What one step does: zero the gradients, forward (under bf16 autocast when precision="bf16"; the
 weights, gradients and optimizer state stay fp32), loss in fp32 ("mse" = mean squared error, the
@@ -87,8 +87,8 @@ class TrainStep:
     lr_batch: (B, C, H, W) degraded input on the 0..rgb_range scale (any device and float dtype:
         it is copied to the model's device and parameter dtype).
     hr_batch: (B, C, H * scale, W * scale) target, same scale.
-    Returns the loss of this batch (before the update) as a 0-dim float32 tensor on the model's
-    device, detached; reading it (`.item()`, printing) waits for the GPU, so do that rarely.
+    Returns the loss of this batch (before the update) as a 0-dim tensor (float32; float64 for a
+    float64 model) on the model's device, detached; reading it (`.item()`, printing) waits for the GPU, so do that rarely.
 
     Attributes: model, optimizer, loss, precision, channels_last, device, uses_cuda_graph
     (True on the CUDA-graph path), captured (True once the graph exists).

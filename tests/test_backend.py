@@ -91,21 +91,42 @@ def test_auto_never_uses_the_interpreter():
 
     t = torch.randn(1, 4, 16)
     assert _triton_why_not(t, t, t, explicit=False)
-    assert bool(_triton_why_not(t, t, t, explicit=True)) != (_ext.TRITON and _ext.triton_interpret())
+    assert bool(_triton_why_not(t, t, t, explicit=True)) != (_ext.triton_available() and _ext.triton_interpret())
 
 
-def test_ops_follow_the_global_backend():
+def test_ops_follow_the_global_backend(monkeypatch):
+    """The global setting decides which kernel runs: spy on the extension's op to see it."""
     torch.manual_seed(0)
     x, m, t = (torch.randn(2, 3, 5, 7) for _ in range(3))
     expected = x + torch.sigmoid(m) * t
+    calls = []
+    if _ext.EXTENSION:
+        kernel = torch.ops.rnan_fast.gated_residual_fwd
+        monkeypatch.setattr(torch.ops.rnan_fast, "gated_residual_fwd",
+                            lambda *a: calls.append("extension") or kernel(*a), raising=False)
     with rnan_fast.use_backend("reference"):
         torch.testing.assert_close(rnan_fast.ops.gated_residual(x, m, t), expected)
+    assert calls == []
     if _ext.EXTENSION:
-        with rnan_fast.use_backend("fast"):
-            torch.testing.assert_close(rnan_fast.ops.gated_residual(x, m, t), expected)
+        for name in ("fast", "auto"):
+            with rnan_fast.use_backend(name):
+                torch.testing.assert_close(rnan_fast.ops.gated_residual(x, m, t), expected)
+        assert calls == ["extension", "extension"]
     else:
         with rnan_fast.use_backend("fast"), pytest.raises(RuntimeError, match="not built"):
             rnan_fast.ops.gated_residual(x, m, t)
+
+
+def test_broken_triton_falls_back_to_the_reference(tmp_path):
+    """An installed but unimportable Triton is reported, and 'auto' still runs (reference)."""
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text("raise ImportError('broken build')\n")
+    code = ("import torch, rnan_fast; i = rnan_fast.backend_info(); print(i['triton'], i['triton_error']); "
+            "q = torch.randn(1, 5, 16); print(rnan_fast.ops.nonlocal_attention(q, q, q).shape)")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["False triton failed to import: ImportError: broken build",
+                                       "torch.Size([1, 5, 16])"]
 
 
 def test_fast_attention_on_cpu_without_interpreter_raises(monkeypatch):

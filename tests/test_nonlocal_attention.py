@@ -24,10 +24,10 @@ pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWar
               pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 MODES = ("query", "key")
 CUDA = torch.cuda.is_available()
-TRITON_HERE = _ext.TRITON and (CUDA or _ext.triton_interpret())
+TRITON_HERE = _ext.triton_available() and (CUDA or _ext.triton_interpret())
 needs_triton = pytest.mark.skipif(not TRITON_HERE, reason="needs Triton with CUDA, or TRITON_INTERPRET=1 "
                                   "(tests/conftest.py sets it on CPU-only machines)")
-needs_cuda = pytest.mark.skipif(not (CUDA and _ext.TRITON), reason="needs a CUDA GPU and Triton")
+needs_cuda = pytest.mark.skipif(not (CUDA and _ext.triton_available()), reason="needs a CUDA GPU and Triton")
 DEV = "cuda" if CUDA else "cpu"
 
 
@@ -230,7 +230,7 @@ def test_triton_rejects_unsupported_head_dim_and_dtype():
         nonlocal_attention(th, ph, g, backend="triton")
 
 
-@pytest.mark.skipif(CUDA or not _ext.TRITON, reason="checks the CPU message (no CUDA here)")
+@pytest.mark.skipif(CUDA or not _ext.triton_available(), reason="checks the CPU message (no CUDA here)")
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     th, ph, g = make_inputs(1, 5, 16, 16)

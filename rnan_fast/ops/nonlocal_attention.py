@@ -21,8 +21,8 @@ from rnan_fast import _backend, _ext, reference
 
 
 def _triton_why_not(theta: Tensor, phi: Tensor, g: Tensor, explicit: bool) -> str:
-    if not _ext.TRITON:
-        return f"Triton is unavailable ({_ext.TRITON_ERROR})"
+    if not _ext.triton_available():
+        return f"Triton is unavailable ({_ext.triton_error()})"
     if not (theta.is_cuda or (explicit and theta.device.type == "cpu" and _ext.triton_interpret())):
         return (f"the Triton kernel runs on CUDA tensors (got {theta.device}; TRITON_INTERPRET=1 runs it "
                 "on the CPU for tests)")
@@ -35,10 +35,6 @@ def _triton_why_not(theta: Tensor, phi: Tensor, g: Tensor, explicit: bool) -> st
     return ""
 
 
-def _lse_dtype(g: Tensor) -> torch.dtype:
-    return torch.float64 if g.dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("rnan_fast::nonlocal_attention", mutates_args=())
 def _forward(theta: Tensor, phi: Tensor, g: Tensor, softmax_over: str, backend: str) -> tuple[Tensor, Tensor]:
     if backend == "triton":
@@ -46,7 +42,7 @@ def _forward(theta: Tensor, phi: Tensor, g: Tensor, softmax_over: str, backend: 
 
         return kernel.forward(theta, phi, g, softmax_over)
     out, lse = reference.nonlocal_attention_forward(theta, phi, g, softmax_over)
-    return out.to(g.dtype), lse.to(_lse_dtype(g))
+    return out.to(g.dtype), lse.to(reference.compute_dtype(g))
 
 
 @_forward.register_fake
@@ -54,7 +50,7 @@ def _(theta, phi, g, softmax_over, backend):
     B, N, _ = theta.shape
     if backend == "triton":
         return g.new_empty(B, N, g.shape[-1]), g.new_empty(2, B, N, dtype=torch.float32)
-    return g.new_empty(B, N, g.shape[-1]), g.new_empty(B, N, dtype=_lse_dtype(g))
+    return g.new_empty(B, N, g.shape[-1]), g.new_empty(B, N, dtype=reference.compute_dtype(g))
 
 
 @torch.library.custom_op("rnan_fast::nonlocal_attention_backward", mutates_args=())
