@@ -334,9 +334,9 @@ def _task_params(args, net, model_pending: bool = False) -> dict:
 
 
 def _degrade(img: np.ndarray, index: int, p: dict, args):
-    """(ground truth, model input, gray_gt) for one image; see the eval help for the protocol."""
+    """(ground truth, model input) for one image; see the eval help for the protocol.
+    ValueError for an image the protocol cannot use (sr: smaller than the scale)."""
     task = p["task"]
-    gray_gt = False
     if task == "denoise_gray":
         gt = D.to_gray(img)
         lq = D.add_gaussian_noise(gt, p["sigma"], D.noise_seed(args.seed, index), args.quantize_noisy)
@@ -349,11 +349,10 @@ def _degrade(img: np.ndarray, index: int, p: dict, args):
     elif task == "demosaic":
         gt = D.to_rgb(img)
         lq = D.mosaic(gt)
-    else:
-        gray_gt = img.ndim == 2
+    else:  # bicubic_downscale refuses an image that modcrop would leave empty
+        lq = D.bicubic_downscale(D.to_rgb(img), p["scale"], padding=args.resize_padding)
         gt = D.modcrop(img, p["scale"])
-        lq = D.bicubic_downscale(D.to_rgb(gt), p["scale"], padding=args.resize_padding)
-    return gt, lq, gray_gt
+    return gt, lq
 
 
 def _describe_task(p: dict, args) -> str:
@@ -370,7 +369,7 @@ def _describe_task(p: dict, args) -> str:
 
 def cmd_eval(args) -> int:
     from rnan_fast.inference import DTYPES, restore_image
-    from rnan_fast.metrics import evaluate, psnr, ssim
+    from rnan_fast.metrics import evaluate
 
     _check_runtime_args(args)
     if args.baseline == (args.weights is not None):
@@ -398,7 +397,7 @@ def cmd_eval(args) -> int:
     for index, path in enumerate(_progress(files, len(files), "eval", args.quiet)):
         try:
             img = D.read_image(path)
-            gt, lq, gray_gt = _degrade(img, index, p, args)
+            gt, lq = _degrade(img, index, p, args)
         except (D.ImageReadError, ValueError) as e:
             _report(f"{PROG}: skipped {path}: {e}", args.quiet)
             failures.append(path)
@@ -413,13 +412,8 @@ def cmd_eval(args) -> int:
                         args.quiet)
                 failures.append(path)
                 continue
-        try:
-            if gray_gt:  # a 1-channel SR ground truth (Set14 bridge) is scored on its own gray values
-                out_gray = out[..., 0] if net is None else D.to_uint8(out.astype(np.float64).mean(axis=2))
-                pv = psnr(gt, out_gray, border=p["scale"])
-                sv = None if args.no_ssim else ssim(gt, out_gray, border=p["scale"])
-            else:
-                pv, sv = evaluate(gt, out, p["task"], p["scale"], with_ssim=not args.no_ssim)
+        try:  # (a 1-channel SR ground truth is scored on its gray values: metrics.evaluate)
+            pv, sv = evaluate(gt, out, p["task"], p["scale"], with_ssim=not args.no_ssim)
         except ValueError as e:  # e.g. an image too small for the SSIM window
             _report(f"{PROG}: cannot score {path}: {e}", args.quiet)
             failures.append(path)

@@ -205,7 +205,11 @@ def modcrop(img: np.ndarray, scale: int) -> np.ndarray:
 
 
 def bicubic_downscale(hr: np.ndarray, scale: int, padding: str = "symmetric") -> np.ndarray:
-    """The SR degradation: MATLAB imresize(modcrop(hr, scale), 1/scale, 'bicubic') on uint8."""
+    """The SR degradation: MATLAB imresize(modcrop(hr, scale), 1/scale, 'bicubic') on uint8.
+    ValueError when `hr` is smaller than `scale` in height or width (modcrop leaves nothing)."""
+    if min(hr.shape[:2]) < scale:
+        raise ValueError(f"image of {hr.shape[0]}x{hr.shape[1]} pixels is smaller than the scale {scale}: "
+                         f"nothing is left after cropping to a multiple of {scale}")
     hr = modcrop(hr, scale)
     h, w = hr.shape[:2]
     return imresize(hr, 1.0 / scale, output_shape=(h // scale, w // scale), padding=padding)

@@ -8,7 +8,9 @@
   (no padding, no downsampling), mean of the SSIM map. For 3-channel images: the mean of the
   per-channel SSIMs (the colour-denoising / demosaicing scripts).
 - ``evaluate(ref, out, task, scale)``: the per-task protocol. "sr": Y channel of MATLAB's
-  rgb2ycbcr computed in floating point (unrounded), `scale` border pixels removed; "car":
+  rgb2ycbcr computed in floating point (unrounded), `scale` border pixels removed (a 1-channel
+  ground truth, such as Set14's bridge, is scored on its own gray values against
+  ``sr_gray_output(out)``); "car":
   Y channel (rounded, as the test images are stored), no border; "denoise_gray": gray, no
   border; "denoise_rgb" and "demosaic": RGB, no border.
 """
@@ -18,15 +20,19 @@ import math
 
 import numpy as np
 
-from rnan_fast.data import rgb_to_y
+from rnan_fast.data import rgb_to_y, to_uint8
 
-__all__ = ["psnr", "ssim", "gaussian_window", "evaluate"]
+__all__ = ["psnr", "ssim", "gaussian_window", "evaluate", "sr_gray_output"]
 
 
-def _crop(a: np.ndarray, border: int) -> np.ndarray:
-    if border <= 0:
-        return a
-    return a[border:-border, border:-border]
+def _crop(a: np.ndarray, border: int, what: str) -> np.ndarray:
+    """`a` less `border` pixels on each side; ValueError when nothing is left to score."""
+    if border > 0:
+        a = a[border:-border, border:-border]
+    if a.size == 0:
+        raise ValueError(f"{what}: no pixels left to score (image {a.shape[:2]} after removing a border of "
+                         f"{max(border, 0)}); the image is too small")
+    return a
 
 
 def psnr(ref: np.ndarray, out: np.ndarray, border: int = 0, peak: float = 255.0) -> float:
@@ -35,7 +41,7 @@ def psnr(ref: np.ndarray, out: np.ndarray, border: int = 0, peak: float = 255.0)
     out = np.asarray(out, dtype=np.float64)
     if ref.shape != out.shape:
         raise ValueError(f"psnr: shapes differ, {ref.shape} vs {out.shape}")
-    e = _crop(ref, border) - _crop(out, border)
+    e = _crop(ref, border, "psnr") - _crop(out, border, "psnr")
     if e.ndim == 3:
         mse = float(np.mean([np.mean(e[..., c] ** 2) for c in range(e.shape[2])]))
     else:
@@ -86,18 +92,30 @@ def ssim(ref: np.ndarray, out: np.ndarray, border: int = 0, k1: float = 0.01, k2
     out = np.asarray(out, dtype=np.float64)
     if ref.shape != out.shape:
         raise ValueError(f"ssim: shapes differ, {ref.shape} vs {out.shape}")
-    ref, out = _crop(ref, border), _crop(out, border)
+    ref, out = _crop(ref, border, "ssim"), _crop(out, border, "ssim")
     g = gaussian_window(win_size, win_sigma)
     if ref.ndim == 3:
         return float(np.mean([_ssim_2d(ref[..., c], out[..., c], k1, k2, peak, g) for c in range(ref.shape[2])]))
     return _ssim_2d(ref, out, k1, k2, peak, g)
 
 
+def sr_gray_output(out: np.ndarray) -> np.ndarray:
+    """The gray image an SR output is scored on when the ground truth is 1-channel: a gray
+    output as it is, a 3-channel one as the mean of its channels rounded to uint8 (for the
+    bicubic baseline of a replicated gray image, the three channels are equal: any one of them)."""
+    out = np.asarray(out)
+    if out.ndim == 2:
+        return out
+    return to_uint8(out.astype(np.float64).mean(axis=2))
+
+
 def evaluate(ref: np.ndarray, out: np.ndarray, task: str, scale: int = 1, with_ssim: bool = True):
     """(PSNR, SSIM) of a restored image `out` against the ground truth `ref` under `task`'s
     protocol (module docstring). `ref`/`out`: (H, W) or (H, W, 3) on the 0..255 scale, usually
     uint8. SSIM is None when with_ssim is False."""
-    if task == "sr":
+    if task == "sr" and np.ndim(ref) == 2:  # gray ground truth: its gray values, not Y of RGB
+        a, b, border = ref, sr_gray_output(out), int(scale)
+    elif task == "sr":
         a, b, border = rgb_to_y(ref, rounded=False), rgb_to_y(out, rounded=False), int(scale)
     elif task == "car":
         a, b, border = rgb_to_y(ref, rounded=True), rgb_to_y(out, rounded=True), 0

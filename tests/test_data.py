@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from rnan_fast import data as D
+from rnan_fast.data import _umask
 from rnan_fast.imresize import contributions, imresize, round_half_away, to_uint8
-from rnan_fast.metrics import evaluate, gaussian_window, psnr, ssim
+from rnan_fast.metrics import evaluate, gaussian_window, psnr, sr_gray_output, ssim
 
 SET5 = ["baby", "bird", "butterfly", "head", "woman"]
 
@@ -217,12 +218,6 @@ def test_write_png_atomic(tmp_path):
     assert os.listdir(tmp_path) == ["x.png"]
 
 
-def _umask():
-    m = os.umask(0o022)
-    os.umask(m)
-    return m
-
-
 # --------------------------------------------------------------------------- metrics
 
 def _ssim_direct(a, b):
@@ -274,6 +269,46 @@ def test_evaluate_protocols():
         evaluate(a, b, "deblur")
 
 
+def test_evaluate_sr_gray_ground_truth():
+    """A 1-channel SR ground truth is scored on its gray values against the output's channel
+    mean (rounded), with the scale as border; not on Y of the output."""
+    rng = np.random.default_rng()
+    gt = rng.integers(1, 256, (26, 30), dtype=np.uint8)
+    out = np.clip(gt[..., None].astype(int) + rng.integers(-12, 13, (26, 30, 3)), 0, 255).astype(np.uint8)
+    gray = D.to_uint8(out.astype(np.float64).mean(axis=2))
+    assert np.array_equal(sr_gray_output(out), gray) and sr_gray_output(gt) is gt
+    p, s = evaluate(gt, out, "sr", 3)
+    assert p == pytest.approx(psnr(gt, gray, 3), abs=1e-12) and s == pytest.approx(ssim(gt, gray, 3), abs=1e-12)
+    same = D.to_rgb(gt)  # the bicubic baseline of a replicated gray image: equal channels
+    assert evaluate(gt, same, "sr", 2, with_ssim=False) == (float("inf"), None)
+
+
+def test_metrics_refuse_empty_regions():
+    """Nothing left after the border: ValueError, never a NaN score."""
+    rng = np.random.default_rng()
+    a = rng.integers(1, 256, (6, 9), dtype=np.uint8)
+    b = rng.integers(1, 256, (6, 9), dtype=np.uint8)
+    for border in (3, 4, 10):
+        with pytest.raises(ValueError, match="no pixels left"):
+            psnr(a, b, border)
+        with pytest.raises(ValueError, match="no pixels left"):
+            ssim(a, b, border)
+    with pytest.raises(ValueError, match="no pixels left"):
+        psnr(a[:0], b[:0])
+    assert np.isfinite(psnr(a, b, 2))
+    for task in ("sr", "denoise_gray"):
+        with pytest.raises(ValueError):
+            evaluate(a[:0], b[:0], task, 2, with_ssim=False)
+
+
+def test_bicubic_downscale_refuses_images_smaller_than_the_scale():
+    rng = np.random.default_rng()
+    for shape in ((3, 9, 3), (9, 3, 3), (2, 2)):
+        with pytest.raises(ValueError, match="smaller than the scale 4"):
+            D.bicubic_downscale(rng.integers(1, 256, shape, dtype=np.uint8), 4)
+    assert D.bicubic_downscale(rng.integers(1, 256, (4, 9, 3), dtype=np.uint8), 4).shape == (1, 2, 3)
+
+
 # --------------------------------------------------------------------------- baseline rows of the README
 
 @pytest.mark.parametrize("folder,expected", [
@@ -303,9 +338,6 @@ def test_bicubic_psnr(data_dir, folder, scale, expected):
     for p in D.list_images(data_dir / folder):
         hr = D.modcrop(D.read_image(p), scale)
         up = D.bicubic_upscale(D.bicubic_downscale(D.to_rgb(hr), scale), scale)
-        if hr.ndim == 2:  # Set14's bridge is 1-channel: scored on its gray values
-            vals.append(psnr(hr, up[..., 0], scale))
-        else:
-            vals.append(evaluate(hr, up, "sr", scale, with_ssim=False)[0])
+        vals.append(evaluate(hr, up, "sr", scale, with_ssim=False)[0])  # Set14's gray bridge included
     got = np.mean(vals)
     assert abs(got - expected) <= 0.03, f"{folder} x{scale}: {got:.4f} vs {expected}"
