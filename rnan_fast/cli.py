@@ -1,11 +1,12 @@
 """The ``rnan-fast`` command line (also ``python -m rnan_fast``).
 
     rnan-fast restore --weights W.pt [-o OUTDIR] [--device cpu|cuda] [--precision fp32|bf16|fp16]
-                      [--tile N [--tile-overlap P] | --chop] [--self-ensemble] [--overwrite] INPUT...
+                      [--tile N [--tile-overlap P] | --chop] [--self-ensemble] [--overwrite]
+                      [--backend auto|reference|fast] [--trust-checkpoint] INPUT...
     rnan-fast eval    (--weights W.pt | --baseline) --task denoise_gray|denoise_rgb|car|demosaic|sr
                       [--sigma S | --quality Q | --scale s] --data DIR [--limit N] [--csv FILE]
                       [--self-ensemble] [--chop | --tile N] [--seed K] [--quantize-noisy] ...
-    rnan-fast bench   [--device cpu|cuda] [--quick]
+    rnan-fast bench   [--device cpu|cuda] [--quick] [--repeat N]
 
 restore: INPUT are image files or folders (their images, not recursive). The architecture comes
 from the checkpoint. A gray model (n_colors=1) gets RGB inputs converted with Pillow's
@@ -17,7 +18,13 @@ two inputs with the same stem are refused. An unreadable input is reported by na
 the others are still written, and the exit status is 1.
 
 eval: the degradation protocols of rnan_fast.data and the metrics of rnan_fast.metrics; see the
-`eval` help. Exit status: 0 success, 1 some images failed, 2 usage or input errors, 130 interrupt.
+`eval` help. Images the protocol cannot use (unreadable, smaller than the SR scale or its border)
+are reported and skipped. Exit status: 0 success, 1 some images (or bench timings) failed, 2 usage
+or input errors (an unwritable --csv included), 130 interrupt.
+
+--backend applies to the command only (rnan_fast.use_backend around it); --backend fast is tried
+on tiny tensors first and refused up front where its kernels cannot run. --trust-checkpoint loads
+checkpoints that pickle Python objects (torch.load with weights_only=False): trusted files only.
 """
 from __future__ import annotations
 
@@ -74,6 +81,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--self-ensemble", action="store_true",
                    help="average over the 8 flips/transposes (RNAN+), 8x the time")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint that pickles Python objects besides the weights (e.g. a "
+                        "training script's argument namespace); this runs code from the file, so "
+                        "only for files you trust (default: weights-only load)")
 
 
 def _check_runtime_args(args) -> None:
@@ -106,8 +117,9 @@ def _device(name: str):
     raise UserError(f"--device must be cpu or cuda (or cuda:N), got {name!r}")
 
 
-def _load_model(weights: str, device, precision: str):
-    """RNAN.from_checkpoint with user-level errors; the model is in eval mode on device/dtype."""
+def _load_model(weights: str, device, precision: str, trust: bool = False):
+    """RNAN.from_checkpoint with user-level errors; the model is in eval mode on device/dtype.
+    trust: --trust-checkpoint (torch.load with weights_only=False)."""
     from rnan_fast.inference import DTYPES
 
     path = Path(weights)
@@ -115,14 +127,19 @@ def _load_model(weights: str, device, precision: str):
         raise UserError(f"weights file not found: {weights}")
     if path.is_dir():
         raise UserError(f"weights path is a directory, not a checkpoint file: {weights}")
+    from rnan_fast import CheckpointError
     from rnan_fast.model import RNAN
 
     try:
-        net = RNAN.from_checkpoint(str(path), map_location="cpu")
+        net = RNAN.from_checkpoint(str(path), map_location="cpu", weights_only=not trust)
     except (ValueError, OSError, RuntimeError, EOFError, KeyError, TypeError) as e:
         msg = str(e).strip() or type(e).__name__
         if str(path) not in msg:
             msg = f"{weights}: {msg}"
+        if isinstance(e, CheckpointError) and not trust and ("weights_only" in msg or "weights-only" in msg):
+            msg = msg.replace("pass weights_only=False", "pass --trust-checkpoint")
+            if "--trust-checkpoint" not in msg:
+                msg += "; if you trust the file, pass --trust-checkpoint"
         raise UserError(f"cannot load the checkpoint: {msg}") from None
     return net.to(device=device, dtype=DTYPES[precision]).eval()
 
@@ -134,11 +151,29 @@ def _describe(net) -> str:
     return type(net).__name__
 
 
-def _set_backend(name):
-    if name is not None:
-        import rnan_fast
+def _check_backend(name, device, precision: str) -> None:
+    """--backend fast: run both ops on tiny tensors of the device and dtype, so a device the
+    fast kernels cannot serve is a usage error up front, not a failure on every image."""
+    if name != "fast":
+        return
+    import torch
 
-        rnan_fast.set_backend(name)
+    from rnan_fast import ops
+    from rnan_fast.inference import DTYPES
+
+    dtype = DTYPES[precision]
+    gen = torch.Generator().manual_seed(0)
+    try:
+        with torch.inference_mode():
+            t = torch.rand(1, 16, 16, generator=gen).to(device, dtype)
+            ops.nonlocal_attention(t, t, t, backend="fast")
+            x = torch.rand(1, 2, 2, 2, generator=gen).to(device, dtype)
+            ops.gated_residual(x, x, x, backend="fast")
+    except (RuntimeError, ValueError, TypeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"--backend fast is not available for --device {device} with --precision {precision}: "
+                        f"{first}; use --backend auto (the fast kernels where they run, the reference "
+                        f"elsewhere) or --backend reference") from None
 
 
 def _restore_kwargs(args) -> dict:
@@ -232,8 +267,8 @@ def cmd_restore(args) -> int:
     inputs = _collect_inputs(args.inputs)
     outdir = Path(args.output)
     outputs = _plan_outputs(inputs, outdir, args.overwrite)
-    _set_backend(args.backend)
-    net = _load_model(args.weights, device, args.precision)
+    _check_backend(args.backend, device, args.precision)
+    net = _load_model(args.weights, device, args.precision, args.trust_checkpoint)
     n_colors = model_colors(net)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
@@ -319,6 +354,9 @@ def _task_params(args, net, model_pending: bool = False) -> dict:
             if model_pending:
                 return p
             raise UserError("--task sr needs --scale")
+        if args.scale is None and scale < 2:
+            raise UserError(f"--task sr needs a super-resolution model; the checkpoint {args.weights} is a "
+                            f"scale-{scale} model ({_describe(net)})")
         if scale < 2:
             raise UserError(f"--scale must be >= 2, got {scale}")
         p["scale"] = scale
@@ -376,6 +414,8 @@ def cmd_eval(args) -> int:
         raise UserError("give --weights W.pt (restore and score) or --baseline (score the degraded input)")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
+    if args.csv:
+        _prepare_csv(Path(args.csv))
     files = _eval_images(args.data)
     if args.limit is not None:
         files = files[: args.limit]
@@ -384,8 +424,8 @@ def cmd_eval(args) -> int:
     if not args.baseline:
         device = _device(args.device)
         _task_params(args, None, model_pending=True)  # option errors before the (slow) model load
-        _set_backend(args.backend)
-        net = _load_model(args.weights, device, args.precision)
+        _check_backend(args.backend, device, args.precision)
+        net = _load_model(args.weights, device, args.precision, args.trust_checkpoint)
     p = _task_params(args, net)
     kwargs = _restore_kwargs(args)
     who = "baseline (degraded input)" if net is None else _describe(net)
@@ -444,8 +484,24 @@ def _print_row(line: str, quiet: bool) -> None:
         tqdm.write(line, file=sys.stdout)
 
 
+def _prepare_csv(path: Path) -> None:
+    """Check the --csv target before any work: not a folder, its folder made (or a UserError)."""
+    if path.is_dir():
+        raise UserError(f"--csv {path} is a folder; give a file name")
+    for parent in (path.parent, *path.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--csv {path}: {parent} exists and is not a folder")
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--csv {path}: cannot create the folder {path.parent}: {e.strerror or e}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"--csv {path}: the folder {path.parent} is not writable")
+
+
 def _write_csv(path: Path, rows: list[dict], mean_p: float, mean_s) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fmt = lambda v: "" if v is None else f"{v:.6f}"  # noqa: E731
     try:
@@ -461,7 +517,7 @@ def _write_csv(path: Path, rows: list[dict], mean_p: float, mean_s) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        raise UserError(f"cannot write --csv {path}: {e}", EXIT_FAILURES) from None
+        raise UserError(f"cannot write --csv {path}: {e.strerror or e}") from None
 
 
 # --------------------------------------------------------------------------- bench
@@ -482,7 +538,8 @@ def _time_call(fn, device, repeat: int) -> float:
     return statistics.median(times)
 
 
-def _bench_entry(fn, device, repeat: int) -> str:
+def _bench_entry(fn, device, repeat: int, failures: list) -> str:
+    """One table cell: the time in ms, "OOM", or "n/a" with the error (then appended to failures)."""
     import torch
 
     try:
@@ -491,6 +548,7 @@ def _bench_entry(fn, device, repeat: int) -> str:
     except torch.OutOfMemoryError:
         return f"{'OOM':>10}"
     except Exception as e:  # a table cell, not a crash: name the problem and go on
+        failures.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return f"{'n/a':>10}  ({type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''})"
     finally:
         if device.type == "cuda":
@@ -498,7 +556,10 @@ def _bench_entry(fn, device, repeat: int) -> str:
 
 
 def cmd_bench(args) -> int:
-    """Forward timings (ms, median) of non-local attention and of a whole RNAN."""
+    """Forward timings (ms, median) of non-local attention and of a whole RNAN. Exit status 1
+    when an entry failed for a reason other than running out of memory."""
+    if args.repeat is not None and args.repeat < 1:
+        raise UserError(f"--repeat must be >= 1, got {args.repeat}")
     import torch
 
     import rnan_fast
@@ -509,9 +570,8 @@ def cmd_bench(args) -> int:
     cuda = device.type == "cuda"
     info = rnan_fast.backend_info()
     fast_ok = cuda and bool(info.get("triton"))
-    repeat = args.repeat or (3 if args.quick else (20 if cuda else 5))
-    if repeat < 1:
-        raise UserError(f"--repeat must be >= 1, got {repeat}")
+    repeat = args.repeat if args.repeat is not None else (3 if args.quick else (20 if cuda else 5))
+    failures: list[str] = []
     dtype = torch.float32
     print(f"# device {device} ({torch.cuda.get_device_name(device) if cuda else 'CPU'}), torch {torch.__version__}, "
           f"triton {info.get('triton_version') or 'absent'}, C++ extension {'yes' if info.get('extension') else 'no'}")
@@ -526,9 +586,9 @@ def cmd_bench(args) -> int:
         n = side * side
         theta, phi, g = (torch.randn(batch, n, d, generator=gen).to(device, dtype) for _ in range(3))
         cells = [
-            _bench_entry(lambda: reference.nonlocal_attention_naive(theta, phi, g), device, repeat),
-            _bench_entry(lambda: nonlocal_attention(theta, phi, g, backend="reference"), device, repeat),
-            _bench_entry(lambda: nonlocal_attention(theta, phi, g, backend="auto"), device, repeat),
+            _bench_entry(lambda: reference.nonlocal_attention_naive(theta, phi, g), device, repeat, failures),
+            _bench_entry(lambda: nonlocal_attention(theta, phi, g, backend="reference"), device, repeat, failures),
+            _bench_entry(lambda: nonlocal_attention(theta, phi, g, backend="auto"), device, repeat, failures),
         ]
         print(f"{f'{n} ({side}^2)':>14}  " + "  ".join(cells))
         del theta, phi, g
@@ -544,8 +604,11 @@ def cmd_bench(args) -> int:
         cells = []
         for backend in ("reference", "auto"):
             with rnan_fast.use_backend(backend):
-                cells.append(_bench_entry(lambda: net(x), device, repeat))
+                cells.append(_bench_entry(lambda: net(x), device, repeat, failures))
         print(f"{f'{side}x{side}':>14}  " + "  ".join(cells))
+    if failures:
+        _err(f"{len(failures)} timing(s) failed (n/a above), first: {failures[0]}")
+        return EXIT_FAILURES
     return EXIT_OK
 
 
@@ -643,7 +706,13 @@ def main(argv: list[str] | None = None) -> int:
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return args.func(args)
+        backend = getattr(args, "backend", None)
+        if backend is None:
+            return args.func(args)
+        import rnan_fast
+
+        with rnan_fast.use_backend(backend):  # scoped: in-process callers keep their setting
+            return args.func(args)
     except UserError as e:
         _err(str(e))
         return e.code

@@ -16,6 +16,7 @@ from PIL import Image
 
 from rnan_fast import cli
 from rnan_fast import data as D
+from rnan_fast.data import _umask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,6 +53,11 @@ def ckpts(tmp_path_factory):
     sd["extra.weight"] = torch.zeros(1)
     out["wrong"] = d / "wrong.pt"
     torch.save(sd, out["wrong"])
+    # a training-script checkpoint: the state dict beside pickled Python objects
+    import argparse
+    out["pickled"] = d / "pickled.pt"
+    torch.save({"args": argparse.Namespace(scale=[1], n_colors=3), "state_dict": torch.load(out["rgb"])},
+               out["pickled"])
     return out
 
 
@@ -112,12 +118,6 @@ def test_restore_folder_gray_model_matches_library(ckpts, crops, tmp_path, capsy
     ref = restore_image(net, D.to_gray(D.read_image(crops["rgb"] / "kodim01.png")))
     assert np.array_equal(got, ref)
     assert (outdir / "mcm1.png").stat().st_mode & 0o777 == 0o666 & ~_umask()
-
-
-def _umask():
-    m = os.umask(0o022)
-    os.umask(m)
-    return m
 
 
 def test_restore_tile_and_chop_options(ckpts, crops, tmp_path, capsys):
@@ -246,9 +246,35 @@ def test_eval_with_model(ckpts, crops, tmp_path, capsys, task, opts, ckpt):
     assert code == 0, err
     rows = _read_csv(csv_path)
     assert [r["image"] for r in rows] == ["k0.png", "mean"]
-    assert np.isfinite(float(rows[0]["psnr"])) and -1 <= float(rows[0]["ssim"]) <= 1
-    assert rows[0]["psnr"] == rows[1]["psnr"]
+    assert rows[0]["psnr"] == rows[1]["psnr"] and rows[0]["ssim"] == rows[1]["ssim"]
     assert "RNAN(" in out
+    # the same numbers computed here from the library: degradation, restoration, metrics
+    from rnan_fast.inference import restore_image
+    from rnan_fast.metrics import evaluate
+
+    img = D.read_image(crops["eval"] / "k0.png")
+    if task == "denoise_gray":
+        gt = D.to_gray(img)
+        lq = D.add_gaussian_noise(gt, 30, D.noise_seed(0, 0))
+    elif task == "denoise_rgb":
+        gt = D.to_rgb(img)
+        lq = D.add_gaussian_noise(gt, 50, D.noise_seed(0, 0))
+    elif task == "car":
+        gt = D.rgb_to_y(img)
+        lq = D.jpeg(gt, 20)
+    elif task == "demosaic":
+        gt = D.to_rgb(img)
+        lq = D.mosaic(gt)
+    else:
+        gt = D.modcrop(img, 2)
+        lq = D.bicubic_downscale(D.to_rgb(gt), 2)
+    kw = {"self_ensemble": "--self-ensemble" in opts, "chop": "--chop" in opts,
+          "tile": 24 if "--tile" in opts else None, "overlap": 8}
+    out_img = restore_image(_rnan().from_checkpoint(ckpts[ckpt]).eval(), lq, **kw)
+    want_p, want_s = evaluate(gt, out_img, task, 2 if task == "sr" else 1)
+    assert float(rows[0]["psnr"]) == pytest.approx(want_p, abs=2e-6)
+    assert float(rows[0]["ssim"]) == pytest.approx(want_s, abs=2e-6)
+    assert 0 < want_s < 1 and want_s < evaluate(gt, gt, task, 2 if task == "sr" else 1)[1] == pytest.approx(1.0)
 
 
 def test_eval_noise_is_seeded_per_image(ckpts, crops, tmp_path, capsys):
@@ -287,15 +313,19 @@ def test_eval_user_errors(ckpts, crops, tmp_path, capsys):
         (["--task", "demosaic"], "--baseline"),
         (["--weights", tmp_path / "nope.pt", "--task", "demosaic"], "weights file not found"),
         (["--baseline", "--task", "demosaic", "--limit", 0], "--limit"),
+        (["--weights", ckpts["rgb"], "--task", "sr"], "is a scale-1 model"),
+        (["--weights", ckpts["rgb"], "--task", "sr"], "rgb.pt"),
+        (["--weights", ckpts["pickled"], "--task", "denoise_rgb", "--sigma", 5], "--trust-checkpoint"),
     ]
     for argv, needle in cases:
         code, out, err = _run(["eval", "--data", data, "--quiet"] + argv, capsys)
         assert code == 2 and needle in err and "Traceback" not in err, (argv, err)
+        assert "--scale must be" not in err  # no --scale given: the checkpoint's scale is named
     code, _, err = _run(["eval", "--baseline", "--task", "demosaic", "--data", tmp_path / "none"], capsys)
     assert code == 2 and "no such folder" in err
     tiny = tmp_path / "tiny"
     tiny.mkdir()
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tiny / "a.png")
+    Image.fromarray(np.random.default_rng().integers(1, 256, (8, 8, 3), dtype=np.uint8)).save(tiny / "a.png")
     code, _, err = _run(["eval", "--baseline", "--task", "demosaic", "--data", tiny, "--quiet"], capsys)
     assert code == 1 and "a.png" in err and "Traceback" not in err  # too small for SSIM: reported
     empty = tmp_path / "empty"
@@ -306,8 +336,134 @@ def test_eval_user_errors(ckpts, crops, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- bench
 
-def test_bench_quick_runs(capsys):
+def test_bench_quick_runs(capsys, monkeypatch):
     code, out, err = _run(["bench", "--device", "cpu", "--quick", "--repeat", 1], capsys)
     assert code == 0, err
     assert "non-local attention" in out and "RNAN forward" in out
     assert "naive" in out and "reference" in out
+    assert "n/a" not in out and "OOM" not in out  # every entry timed
+    import rnan_fast
+
+    def broken(*a, **k):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(rnan_fast.reference, "nonlocal_attention_naive", broken)
+    code, out, err = _run(["bench", "--device", "cpu", "--quick", "--repeat", 1], capsys)
+    assert code == 1 and "n/a" in out and "kernel exploded" in out
+    assert "failed" in err and "Traceback" not in err
+
+
+def test_bench_repeat_must_be_positive(capsys):
+    for bad in (0, -2):
+        code, out, err = _run(["bench", "--device", "cpu", "--quick", "--repeat", bad], capsys)
+        assert code == 2 and "--repeat" in err and out == "", err
+
+
+# --------------------------------------------------------------------------- review fixes
+
+def test_trusted_checkpoint_option(ckpts, crops, tmp_path, capsys):
+    """A checkpoint that pickles Python objects: refused by the weights-only load with a hint,
+    loaded with --trust-checkpoint (restore and eval), giving the plain checkpoint's output."""
+    img = crops["rgb"] / "mcm1.png"
+    code, _, err = _run(["restore", "--weights", ckpts["pickled"], "-o", tmp_path / "n", "--quiet", img], capsys)
+    assert code == 2 and "--trust-checkpoint" in err and "pickled.pt" in err and "Traceback" not in err
+    assert not (tmp_path / "n").exists()
+    code, _, err = _run(["restore", "--weights", ckpts["pickled"], "--trust-checkpoint", "-o", tmp_path / "t",
+                         "--quiet", img], capsys)
+    assert code == 0, err
+    code, _, err = _run(["restore", "--weights", ckpts["rgb"], "-o", tmp_path / "p", "--quiet", img], capsys)
+    assert code == 0, err
+    assert np.array_equal(D.read_image(tmp_path / "t" / "mcm1.png"), D.read_image(tmp_path / "p" / "mcm1.png"))
+    code, out, err = _run(["eval", "--weights", ckpts["pickled"], "--trust-checkpoint", "--task", "demosaic",
+                           "--data", crops["eval"], "--limit", 1, "--no-ssim", "--quiet"], capsys)
+    assert code == 0 and "k0.png" in out, err
+
+
+def test_eval_csv_bad_path_fails_before_work(crops, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    base = ["eval", "--baseline", "--task", "demosaic", "--data", crops["eval"], "--no-ssim", "--quiet"]
+    for target in (blocker / "r.csv", blocker / "sub" / "r.csv", tmp_path):
+        code, out, err = _run(base + ["--csv", target], capsys)
+        assert code == 2 and "--csv" in err and "Traceback" not in err, err
+        assert out == ""  # refused before any image was scored
+    # a missing folder is created up front
+    code, out, err = _run(base + ["--csv", tmp_path / "new" / "deep" / "r.csv"], capsys)
+    assert code == 0 and len(_read_csv(tmp_path / "new" / "deep" / "r.csv")) == 3, err
+
+    # a write that fails at the end: a message and exit 2, no traceback, no temporary left
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli.os, "replace", refuse)
+    code, out, err = _run(base + ["--csv", tmp_path / "late.csv"], capsys)
+    assert code == 2 and "cannot write --csv" in err and "Permission denied" in err and "Traceback" not in err
+    assert not any(p.name.startswith(".late.csv") for p in tmp_path.iterdir())
+
+
+def test_eval_sr_images_smaller_than_scale_or_border(ckpts, crops, tmp_path, capsys):
+    """An image that modcrop leaves empty, or whose border leaves nothing, is reported by name
+    and skipped; no NaN, exit status 1."""
+    rng = np.random.default_rng()
+    # (options, scale, a size smaller than the scale, a size whose scale border leaves nothing)
+    for argv, scale, tiny, thin in ((["--baseline", "--scale", 4], 4, (3, 9), (9, 6)),
+                                    (["--weights", ckpts["sr2"]], 2, (1, 5), (4, 7))):
+        folder = tmp_path / f"sr{scale}"
+        folder.mkdir()
+        Image.fromarray(rng.integers(1, 256, tiny + (3,), dtype=np.uint8)).save(folder / "a_tiny.png")
+        Image.fromarray(rng.integers(1, 256, thin + (3,), dtype=np.uint8)).save(folder / "b_border.png")
+        (folder / "c_ok.png").write_bytes((crops["eval"] / "k0.png").read_bytes())
+        csv_path = tmp_path / f"sr{scale}.csv"
+        code, out, err = _run(["eval", "--task", "sr", "--data", folder, "--no-ssim", "--quiet",
+                               "--csv", csv_path] + argv, capsys)
+        assert code == 1, err
+        assert f"a_tiny.png: image of {tiny[0]}x{tiny[1]} pixels is smaller than the scale {scale}" in err
+        assert "b_border.png: psnr: no pixels left" in err and "Traceback" not in err
+        assert not any("nan" in line.lower().split() for line in out.splitlines())
+        rows = _read_csv(csv_path)
+        assert [r["image"] for r in rows] == ["c_ok.png", "mean"] and np.isfinite(float(rows[1]["psnr"]))
+
+
+def _no_fast_here(monkeypatch):
+    """Make sure the fast non-local kernel cannot run on CPU tensors (no Triton interpreter)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def test_fast_backend_unavailable_is_a_usage_error(ckpts, crops, tmp_path, capsys, monkeypatch):
+    _no_fast_here(monkeypatch)
+    import rnan_fast.data
+
+    reads = []
+    monkeypatch.setattr(cli.D, "read_image", lambda p: reads.append(p) or rnan_fast.data.read_image(p))
+    code, out, err = _run(["restore", "--weights", ckpts["rgb"], "--backend", "fast", "--device", "cpu",
+                           "-o", tmp_path / "o", "--quiet", crops["rgb"]], capsys)
+    assert code == 2 and "--backend fast" in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists() and reads == []
+    code, out, err = _run(["eval", "--weights", ckpts["rgb"], "--backend", "fast", "--device", "cpu",
+                           "--task", "demosaic", "--data", crops["eval"], "--quiet"], capsys)
+    assert code == 2 and "--backend fast" in err and reads == [] and out == "", err
+
+
+def test_main_leaves_the_global_backend_alone(ckpts, crops, tmp_path, capsys, monkeypatch):
+    """--backend applies inside the command only: in-process callers keep their setting, also
+    when the command fails."""
+    import rnan_fast
+
+    rnan_fast.set_backend("reference")
+    img = crops["rgb"] / "mcm1.png"
+    code, _, err = _run(["restore", "--weights", ckpts["rgb"], "--backend", "auto", "-o", tmp_path / "a",
+                         "--quiet", img], capsys)
+    assert code == 0, err
+    assert rnan_fast.get_backend() == "reference"
+    seen = []
+    orig = cli.cmd_eval
+
+    def spy(args):
+        seen.append(rnan_fast.get_backend())
+        return orig(args)
+
+    monkeypatch.setattr(cli, "cmd_eval", spy)
+    code, _, err = _run(["eval", "--baseline", "--backend", "auto", "--task", "demosaic", "--data",
+                         crops["eval"], "--limit", 0], capsys)
+    assert code == 2 and "--limit" in err
+    assert seen == ["auto"] and rnan_fast.get_backend() == "reference"
