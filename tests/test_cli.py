@@ -274,7 +274,8 @@ def test_eval_with_model(ckpts, crops, tmp_path, capsys, task, opts, ckpt):
     want_p, want_s = evaluate(gt, out_img, task, 2 if task == "sr" else 1)
     assert float(rows[0]["psnr"]) == pytest.approx(want_p, abs=2e-6)
     assert float(rows[0]["ssim"]) == pytest.approx(want_s, abs=2e-6)
-    assert 0 < want_s < 1 and want_s < evaluate(gt, gt, task, 2 if task == "sr" else 1)[1] == pytest.approx(1.0)
+    assert evaluate(gt, gt, task, 2 if task == "sr" else 1)[1] == pytest.approx(1.0)  # identical: 1
+    assert 0 < want_s < 0.999  # a tiny random network's output is far from the ground truth
 
 
 def test_eval_noise_is_seeded_per_image(ckpts, crops, tmp_path, capsys):

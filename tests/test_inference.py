@@ -212,6 +212,26 @@ def test_restore_image_rounds_and_clamps():
     assert restore_image(Affine(), rgb).shape == (2, 4, 3)
 
 
+def test_restore_image_uses_the_package_rounding():
+    """restore_image rounds with imresize.to_uint8 (half away from zero, clamped), the rule of
+    the rest of the package, on random outputs with exact halves among them."""
+    from rnan_fast.imresize import to_uint8
+
+    rng = np.random.default_rng()
+    target = rng.uniform(-30, 290, (3, 7, 9))
+    target[:, 0, :] = np.floor(target[:, 0, :]) + 0.5  # exact halves: half-to-even would differ
+
+    class Fixed(nn.Module):
+        scale = 1
+
+        def forward(self, x):
+            return torch.from_numpy(target)[None].to(x.dtype) + 0 * x
+
+    img = rng.integers(1, 256, (7, 9, 3), dtype=np.uint8)
+    out = restore_image(Fixed(), img, dtype=torch.float64)
+    assert out.dtype == np.uint8 and np.array_equal(out, to_uint8(target.transpose(1, 2, 0)))
+
+
 def test_rnan_whole_tiled_chop_ensemble_run():
     """The real model through every path on a small input (shapes, finiteness, determinism)."""
     rnan_fast = pytest.importorskip("rnan_fast")
