@@ -5,7 +5,6 @@ Nothing here raises: a missing piece only sets its flag to False and records why
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -26,17 +25,23 @@ else:
         EXTENSION_ERROR = f"rnan_fast._C failed to load: {type(e).__name__}: {e}"
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_ERROR: list[str] = []   # filled on the first call of triton_error()
+
+
+@torch.compiler.assume_constant_result  # torch.compile need not (and cannot) trace the import
 def triton_error() -> str:
     """Empty when Triton imports, else why not. Imported on first use, not by `import rnan_fast`:
     TRITON_INTERPRET must be set before Triton's first import, and the import costs ~1 s."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    try:
-        importlib.import_module("triton.language")
-    except Exception as e:  # a broken install must fall back to the reference, not fail the model
-        return f"triton failed to import: {type(e).__name__}: {e}"
-    return ""
+    if not _TRITON_ERROR:
+        if importlib.util.find_spec("triton") is None:
+            _TRITON_ERROR.append("triton is not installed")
+        else:
+            try:
+                importlib.import_module("triton.language")
+                _TRITON_ERROR.append("")
+            except Exception as e:  # a broken install must fall back to the reference, not fail the model
+                _TRITON_ERROR.append(f"triton failed to import: {type(e).__name__}: {e}")
+    return _TRITON_ERROR[0]
 
 
 def triton_available() -> bool:
