@@ -37,7 +37,7 @@ Column softmax (softmax_over="query", official RNAN, softmax over queries, dim=1
 Row softmax (softmax_over="key", ordinary attention): `_fwd_row_kernel`, one query-major
   online-softmax pass (running max m_i, sum l_i, rescaled accumulator), writes out and (m_i, r_i).
 
-Backward (saved: theta, phi, g, out, stats). With P the probabilities and dY = dOut:
+Backward (saved: theta, phi, g, stats; not out: D is summed from the recomputed tiles). With P the probabilities and dY = dOut:
   dG_j = sum_i P_ij dY_i;   dS_ij = P_ij (dY_i . g_j - D);   dTheta = dS Phi;   dPhi = dS^T Theta,
   D = sum_k P dP over the normalising index (D_i per query for the row softmax, D_j per key for
   the column softmax; = dY_i . out_i and g_j . dG_j in exact arithmetic). It is summed from the
@@ -70,7 +70,7 @@ fraction of the cost of "ieee" FMA dots; switch the constant to "ieee" if a GPU 
 tf32x3 outside the tests' tolerance), "high"/"medium" -> "tf32".
 
 Tuning: on a GPU every kernel is autotuned over 8 block/warp/stage configs, keyed on
-(N bucket = next power of two, D, DV, dot precision, dtypes); RNAN_FAST_AUTOTUNE=0 skips tuning
+(N bucket = next power of two, D, DV, dot precision, softmax mode, dtypes); RNAN_FAST_AUTOTUNE=0 at import skips tuning
 (first config of each list; the GPU tests use it to keep compile time down). Tuning benchmarks (and syncs), so
 run each new shape once eagerly before capturing a CUDA graph. Under TRITON_INTERPRET=1 (CPU
 tests) one small asymmetric config (BLOCK_M=32, BLOCK_N=16) is used and nothing is tuned.
@@ -120,20 +120,20 @@ _BWD_KV = [(64, 128, 8, 2), (128, 64, 8, 2)] + _BWD_SMALL     # own BLOCK_N keys
 _BWD_Q = [(128, 64, 8, 2), (64, 128, 8, 2)] + _BWD_SMALL      # own BLOCK_M queries
 
 _KEY = ["N_BUCKET", "D", "DV", "PREC"]
+# The backward kernels serve both softmax modes, whose loops differ: tune them apart.
+_BWD_KEY = _KEY + ["STATS_PER_KEY"]
 
 
 def tuning_enabled() -> bool:
-    """Autotuning on (default) unless RNAN_FAST_AUTOTUNE=0, read at each new tuning key. Off, every
-    kernel runs its first config: no benchmarking, one compile per kernel variant (fast tests)."""
+    """Autotuning on (default) unless RNAN_FAST_AUTOTUNE=0, read once when this module is imported.
+    Off, every kernel gets a one-config list, its first: Triton then neither benchmarks nor
+    synchronises (a pruned longer list would still be benchmarked, and fail inside graph capture)."""
     return os.environ.get("RNAN_FAST_AUTOTUNE", "1") not in ("", "0")
 
 
-def _prune(configs, named_args, **kwargs):
-    return configs if tuning_enabled() else configs[:1]
-
-
-def _autotune(pairs):
-    return triton.autotune(configs=_configs(pairs), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+def _autotune(pairs, key=_KEY):
+    configs = _configs(pairs)
+    return triton.autotune(configs=configs if tuning_enabled() else configs[:1], key=key)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,7 +383,7 @@ def _kv_loop(dk, dv, dacc, k, v, m_k, r_k, delta_k, q_base, q_off, do_base, do_o
     return dk, dv, dacc
 
 
-@_autotune(_BWD_KV)
+@_autotune(_BWD_KV, key=_BWD_KEY)
 @triton.jit
 def _bwd_kv_kernel(Q, K, V, DO, M, R, DELTA, DK, DV_,
                    sqb, sqn, sqd, skb, skn, skd, svb, svn, svd, sdb, sdn, sdd,
@@ -478,7 +478,7 @@ def _q_loop(dq, dacc, q, do, m_q, r_q, delta_q, k_base, k_off, v_base, v_off, m_
     return dq, dacc
 
 
-@_autotune(_BWD_Q)
+@_autotune(_BWD_Q, key=_BWD_KEY)
 @triton.jit
 def _bwd_q_kernel(Q, K, V, DO, M, R, DELTA, DQ,
                   sqb, sqn, sqd, skb, skn, skd, svb, svn, svd, sdb, sdn, sdd, sdqb, sdqn, sdqd,
@@ -549,6 +549,13 @@ def check_inputs(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, softma
     reason = unsupported_reason(theta, phi, g)
     if reason:
         raise (TypeError if reason.startswith("dtype") else ValueError)(f"nonlocal_attention: {reason}")
+    if theta.shape[0] > MAX_BATCH:
+        raise ValueError(f"nonlocal_attention: batch {theta.shape[0]} exceeds the Triton kernel's {MAX_BATCH} "
+                         f"(the batch is CUDA grid axis 1); split the batch")
+
+
+# CUDA limits grid axis 1, which carries the batch, to 65535 blocks.
+MAX_BATCH = 65535
 
 
 def stats_shape(B: int, N: int) -> tuple[int, int, int]:
@@ -602,7 +609,7 @@ def forward(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, softmax_ove
     return out, stats
 
 
-def backward(dout, theta, phi, g, out, stats, softmax_over: str = "query", deterministic: bool = False):
+def backward(dout, theta, phi, g, stats, softmax_over: str = "query", deterministic: bool = False):
     """(dtheta, dphi, dg) in the inputs' dtypes from the saved stats of `forward`.
 
     Always deterministic (no atomics; see the module docstring), so `deterministic` changes nothing.

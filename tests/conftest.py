@@ -1,7 +1,7 @@
 """Test-session setup shared by all test files.
 
 - On a machine without CUDA, Triton kernels run through the interpreter (TRITON_INTERPRET=1
-  must be set before Triton is first imported, hence here).
+  must be set before Triton is first imported, hence here); with CUDA, untuned (see below).
 - `shared_dir`: the project's shared data (../shared beside the checkout, or $RNAN_FAST_SHARED).
   Tests that need it skip with a reason when it is absent, unless RNAN_FAST_REQUIRE_SHARED=1
   (set by .ci/run), where its absence is a failure.
@@ -14,6 +14,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Each Triton kernel runs its first config instead of autotuning 8 per shape class: compile
+# time would dominate a GPU test session. RNAN_FAST_AUTOTUNE=1 tests the tuned configs instead.
+os.environ.setdefault("RNAN_FAST_AUTOTUNE", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RNAN_FAST_SHARED", REPO.parent / "shared"))

@@ -54,31 +54,31 @@ def _(theta, phi, g, softmax_over, backend):
 
 
 @torch.library.custom_op("rnan_fast::nonlocal_attention_backward", mutates_args=())
-def _backward_op(dout: Tensor, theta: Tensor, phi: Tensor, g: Tensor, out: Tensor, lse: Tensor,
+def _backward_op(dout: Tensor, theta: Tensor, phi: Tensor, g: Tensor, lse: Tensor,
                  softmax_over: str, backend: str, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "triton":
         from rnan_fast.kernels import nonlocal_attention as kernel
 
-        return kernel.backward(dout, theta, phi, g, out, lse, softmax_over, deterministic)
+        return kernel.backward(dout, theta, phi, g, lse, softmax_over, deterministic)
     return reference.nonlocal_attention_backward(dout, theta, phi, g, lse, softmax_over)
 
 
 @_backward_op.register_fake
-def _(dout, theta, phi, g, out, lse, softmax_over, backend, deterministic):
+def _(dout, theta, phi, g, lse, softmax_over, backend, deterministic):
     return torch.empty_like(theta), torch.empty_like(phi), torch.empty_like(g)
 
 
 def _setup_context(ctx, inputs, output):
     theta, phi, g, softmax_over, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(theta, phi, g, out, lse)
+    _, lse = output
+    ctx.save_for_backward(theta, phi, g, lse)   # not out: neither backward reads it
     ctx.softmax_over, ctx.backend = softmax_over, backend
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    theta, phi, g, out, lse = ctx.saved_tensors
-    dtheta, dphi, dg = _backward_op(dout, theta, phi, g, out, lse, ctx.softmax_over, ctx.backend,
+    theta, phi, g, lse = ctx.saved_tensors
+    dtheta, dphi, dg = _backward_op(dout, theta, phi, g, lse, ctx.softmax_over, ctx.backend,
                                     torch.are_deterministic_algorithms_enabled())
     return dtheta, dphi, dg, None, None
 
