@@ -44,8 +44,9 @@ RNAN_ALWAYS_INLINE float float_from_bits(int32_t bits) {
 
 // exp(a) in float32 written in plain arithmetic (range reduction by ln 2 and a degree-5
 // polynomial, about 2 ulp) so that the loops calling it vectorise; std::exp would be a scalar
-// library call per element. a is clamped to [-87, 88] (the result stays a normal float; a
-// sigmoid built on it is 0 or 1 to float precision beyond), and NaN is passed through.
+// library call per element. a is clamped to [-87, 88] so the result stays a normal float: a
+// sigmoid built on it gives ~6e-39 rather than 0 for logits below -87 (and a mask gradient of
+// ~1e-38 * g * t rather than 0 at +-inf), and NaN is passed through.
 RNAN_ALWAYS_INLINE float exp_f32(float a) {
   const bool nan = !(a == a);
   float c = nan ? 0.0f : a;
