@@ -26,7 +26,7 @@ An out-of-memory error of the naive variant is recorded as oom=True and the case
 with that reason (the naive whole image needs 2 N^2 * 4 bytes of scores: from 256x384 that is
 more than an 80 GB GPU holds); ours running out of memory fails the case.
 
-Targets (issue "whole-model speed"; checked by a later GPU session, recorded in BENCHMARKS.md):
+Targets (whole-model speed; checked on a GPU and recorded in BENCHMARKS.md):
   P5  training step, batch 16, 48x48 RGB denoising, ours (bf16, CUDA graph): <= 12 ms
       (the official step measured 95 ms, CPU-launch bound; DESIGN.md section 5).
   P6  whole 768x512 RGB image, bf16, no tiling: <= 200 ms and <= 4 GiB peak; 1024x1024 runs.
