@@ -144,13 +144,6 @@ def _load_model(weights: str, device, precision: str, trust: bool = False):
     return net.to(device=device, dtype=DTYPES[precision]).eval()
 
 
-def _describe(net) -> str:
-    describe = getattr(net, "_describe", None)
-    if callable(describe):
-        return describe()
-    return type(net).__name__
-
-
 def _check_backend(name, device, precision: str) -> None:
     """--backend fast: run both ops on tiny tensors of the device and dtype, so a device the
     fast kernels cannot serve is a usage error up front, not a failure on every image."""
@@ -356,7 +349,7 @@ def _task_params(args, net, model_pending: bool = False) -> dict:
             raise UserError("--task sr needs --scale")
         if args.scale is None and scale < 2:
             raise UserError(f"--task sr needs a super-resolution model; the checkpoint {args.weights} is a "
-                            f"scale-{scale} model ({_describe(net)})")
+                            f"scale-{scale} model ({net.describe()})")
         if scale < 2:
             raise UserError(f"--scale must be >= 2, got {scale}")
         p["scale"] = scale
@@ -364,10 +357,10 @@ def _task_params(args, net, model_pending: bool = False) -> dict:
         colors, mscale = model_colors(net), model_scale(net)
         if colors is not None and colors != TASK_COLORS[task]:
             raise UserError(f"--task {task} needs a {TASK_COLORS[task]}-channel model; the checkpoint "
-                            f"holds {_describe(net)}")
+                            f"holds {net.describe()}")
         if mscale != p["scale"]:
             raise UserError(f"--task {task} at scale {p['scale']} does not fit the checkpoint's scale "
-                            f"{mscale} ({_describe(net)})")
+                            f"{mscale} ({net.describe()})")
     return p
 
 
@@ -428,7 +421,7 @@ def cmd_eval(args) -> int:
         net = _load_model(args.weights, device, args.precision, args.trust_checkpoint)
     p = _task_params(args, net)
     kwargs = _restore_kwargs(args)
-    who = "baseline (degraded input)" if net is None else _describe(net)
+    who = "baseline (degraded input)" if net is None else net.describe()
     print(f"# {_describe_task(p, args)}; data {args.data} ({len(files)} images); {who}")
     width = max(12, max(len(f.name) for f in files))
     print(f"{'image':<{width}}  {'PSNR':>8}  {'SSIM':>6}")

@@ -21,12 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from rnan_fast.modules import DIV2K_RGB_MEAN, MeanShift, ResGroup, Upsampler, default_conv
-from rnan_fast.reference import SOFTMAX_OVER
+from rnan_fast.reference import check_softmax_over
 
 __all__ = ["RNAN", "CheckpointError", "make_model"]
 
 _DEFAULTS = {"n_colors": 3, "scale": 1, "n_feats": 64, "n_resgroups": 10, "rgb_range": 255,
              "softmax_over": "query"}
+# The settings that decide parameter shapes (what a checkpoint must agree with).
+_SHAPE_KEYS = ("n_colors", "scale", "n_feats", "n_resgroups")
 # Keys under which training scripts nest a state dict, tried in this order.
 _WRAPPER_KEYS = ("state_dict", "model", "params")
 
@@ -66,8 +68,7 @@ def _check_config(n_colors, scale, n_feats, n_resgroups, rgb_range, softmax_over
                          f"shifts are RGB, as in the official code; got n_colors={n_colors}")
     if isinstance(rgb_range, bool) or not isinstance(rgb_range, (int, float)) or not rgb_range > 0:
         raise ValueError(f"RNAN: rgb_range must be a positive number, got {rgb_range!r}")
-    if softmax_over not in SOFTMAX_OVER:
-        raise ValueError(f"RNAN: softmax_over must be 'query' (the official model) or 'key', got {softmax_over!r}")
+    check_softmax_over(softmax_over)
 
 
 def _from_args(args: Any) -> dict:
@@ -78,14 +79,21 @@ def _from_args(args: Any) -> dict:
         value = get(key, None)
         if value is not None:
             out[key] = value
-    scale = out.get("scale")
+    if "scale" in out:
+        out["scale"] = _first_scale(out["scale"])
+    return out
+
+
+def _first_scale(scale: Any) -> Any:
+    """The scale the official model builds for: the first of a list, or of an option string
+    such as "2+3"; anything else as it is (checked later)."""
     if isinstance(scale, (list, tuple)):
         if not scale:
-            raise ValueError("RNAN: args.scale is an empty list")
-        out["scale"] = scale[0]  # the official model builds for the first scale
-    elif isinstance(scale, str):  # unparsed option string, e.g. "2" or "2+3"
-        out["scale"] = int(scale.split("+")[0])
-    return out
+            raise ValueError("RNAN: scale is an empty list")
+        return scale[0]
+    if isinstance(scale, str):
+        return int(scale.split("+")[0])
+    return scale
 
 
 class RNAN(nn.Module):
@@ -125,18 +133,13 @@ class RNAN(nn.Module):
                  "rgb_range": rgb_range, "softmax_over": softmax_over}
         config.update({k: v for k, v in given.items() if v is not None})
         if isinstance(config["scale"], (list, tuple)):
-            config.update(_from_args({"scale": config["scale"]}))
-        for key in ("n_colors", "scale", "n_feats", "n_resgroups"):  # numpy / tensor ints -> int
+            config["scale"] = _first_scale(config["scale"])
+        for key in _SHAPE_KEYS:  # numpy / tensor ints -> int
             if isinstance(config[key], numbers.Integral) and not isinstance(config[key], bool):
                 config[key] = int(config[key])
         _check_config(**config)
         self.config = config
-        self.n_colors = n_colors = config["n_colors"]
-        self.scale = scale = config["scale"]
-        self.n_feats = n_feats = config["n_feats"]
-        self.n_resgroups = n_resgroups = config["n_resgroups"]
-        self.rgb_range = rgb_range = config["rgb_range"]
-        self.softmax_over = softmax_over = config["softmax_over"]
+        n_colors, scale, n_feats, n_resgroups, rgb_range, softmax_over = (config[k] for k in _DEFAULTS)
         self.task = "sr" if scale > 1 else "denoise"
 
         # Registration order follows the official code, so state_dict() lists keys in its order.
@@ -152,6 +155,10 @@ class RNAN(nn.Module):
         if self.task == "sr":
             tail.insert(0, Upsampler(scale, n_feats))
         self.tail = nn.Sequential(*tail)
+
+    def describe(self) -> str:
+        """The settings that decide parameter shapes, e.g. "RNAN(n_colors=3, scale=2, n_feats=64, n_resgroups=10)"."""
+        return _describe(self.config)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
@@ -200,9 +207,8 @@ class RNAN(nn.Module):
         config = {**inferred, **{k: v for k, v in given.items() if v is not None}}
         net = cls(**config, softmax_over=softmax_over)
         hint = ""
-        if any(config[k] != inferred[k] for k in ("n_colors", "scale", "n_feats", "n_resgroups")):
-            hint = ("\n  (the weights look like RNAN(" + ", ".join(
-                f"{k}={inferred[k]}" for k in ("n_colors", "scale", "n_feats", "n_resgroups")) + "))")
+        if any(config[k] != inferred[k] for k in _SHAPE_KEYS):
+            hint = f"\n  (the weights look like {_describe(inferred)})"
         net._load_checked(state_dict, source, hint)
         if isinstance(map_location, (str, torch.device)):
             net.to(map_location)
@@ -222,14 +228,19 @@ class RNAN(nn.Module):
     def _load_checked(self, state_dict: Mapping[str, Tensor], source: str, hint: str = "") -> None:
         report, missing, unexpected, misshaped = _compare(self.state_dict(), state_dict)
         if report:
-            raise CheckpointError(f"{source}: the weights do not fit {self._describe()}:\n{report}{hint}",
+            raise CheckpointError(f"{source}: the weights do not fit {self.describe()}:\n{report}{hint}",
                                   missing, unexpected, misshaped)
         self.load_state_dict(state_dict, strict=True)
 
-    def _describe(self) -> str:
-        c = self.config
-        return (f"RNAN(n_colors={c['n_colors']}, scale={c['scale']}, n_feats={c['n_feats']}, "
-                f"n_resgroups={c['n_resgroups']})")
+
+
+# The settings as read-only attributes (net.n_feats, net.scale, ...): `config` is their one store.
+for _key in _DEFAULTS:
+    setattr(RNAN, _key, property(lambda self, key=_key: self.config[key], doc=f"config[{_key!r}]"))
+
+
+def _describe(config: Mapping) -> str:
+    return "RNAN(" + ", ".join(f"{k}={config[k]}" for k in _SHAPE_KEYS) + ")"
 
 
 def make_model(args: Any, parent: bool = False) -> RNAN:
