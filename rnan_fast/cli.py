@@ -180,14 +180,15 @@ def _progress(iterable, total: int, desc: str, quiet: bool):
                 dynamic_ncols=True)
 
 
-def _report(msg: str, quiet: bool) -> None:
-    """One message line that does not break a running progress bar."""
+def _report(msg: str, quiet: bool, file=None) -> None:
+    """One message line (to stderr unless `file`) that does not break a running progress bar."""
+    file = file or sys.stderr
     if quiet:
-        print(msg, file=sys.stderr)
+        print(msg, file=file)
     else:
         from tqdm import tqdm
 
-        tqdm.write(msg, file=sys.stderr)
+        tqdm.write(msg, file=file)
 
 
 # --------------------------------------------------------------------------- restore
@@ -453,7 +454,7 @@ def cmd_eval(args) -> int:
             continue
         rows.append({"image": path.name, "psnr": pv, "ssim": sv})
         s_txt = "" if sv is None else f"{sv:.4f}"
-        _print_row(f"{path.name:<{width}}  {pv:8.4f}  {s_txt:>6}", args.quiet)
+        _report(f"{path.name:<{width}}  {pv:8.4f}  {s_txt:>6}", args.quiet, file=sys.stdout)
     if rows:
         mean_p = statistics.fmean(r["psnr"] for r in rows)
         mean_s = None if args.no_ssim else statistics.fmean(r["ssim"] for r in rows)
@@ -466,15 +467,6 @@ def cmd_eval(args) -> int:
         _err(f"{len(failures)} image(s) failed: " + ", ".join(str(f) for f in failures))
         return EXIT_FAILURES
     return EXIT_OK
-
-
-def _print_row(line: str, quiet: bool) -> None:
-    if quiet:
-        print(line)
-    else:
-        from tqdm import tqdm
-
-        tqdm.write(line, file=sys.stdout)
 
 
 def _prepare_csv(path: Path) -> None:
@@ -559,7 +551,7 @@ def cmd_bench(args) -> int:
     from rnan_fast import reference
     from rnan_fast.ops import nonlocal_attention
 
-    device = _device(args.device)
+    device = _device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     info = rnan_fast.backend_info()
     fast_ok = cuda and bool(info.get("triton"))
@@ -694,10 +686,6 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    if args.command == "bench" and args.device is None:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         backend = getattr(args, "backend", None)
         if backend is None:

@@ -87,8 +87,6 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(f"{path}: refused as a possible decompression bomb ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"{path}: not a readable image ({e})") from None
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
     return arr
 
 
@@ -212,10 +210,10 @@ def bicubic_downscale(hr: np.ndarray, scale: int, padding: str = "symmetric") ->
                          f"nothing is left after cropping to a multiple of {scale}")
     hr = modcrop(hr, scale)
     h, w = hr.shape[:2]
-    return imresize(hr, 1.0 / scale, output_shape=(h // scale, w // scale), padding=padding)
+    return imresize(hr, output_shape=(h // scale, w // scale), padding=padding)
 
 
 def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
     """MATLAB imresize(lr, scale, 'bicubic') on uint8: the 'Bicubic' baseline of SR tables."""
     h, w = lr.shape[:2]
-    return imresize(lr, float(scale), output_shape=(h * scale, w * scale))
+    return imresize(lr, output_shape=(h * scale, w * scale))

@@ -42,13 +42,12 @@ def cubic(x: np.ndarray) -> np.ndarray:
 PADDINGS = ("symmetric", "replicate")
 
 
-def contributions(in_length: int, out_length: int, scale: float, antialiasing: bool = True,
-                  padding: str = "symmetric"):
+def contributions(in_length: int, out_length: int, scale: float, padding: str = "symmetric"):
     """Weights (out_length, P) float64 and 0-based source indices (out_length, P) for one axis."""
     if padding not in PADDINGS:
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     kernel_width = 4.0
-    if scale < 1 and antialiasing:
+    if scale < 1:  # antialiasing on, as MATLAB's default
         def kernel(x):
             return scale * cubic(scale * x)
         kernel_width = kernel_width / scale
@@ -69,9 +68,8 @@ def contributions(in_length: int, out_length: int, scale: float, antialiasing: b
     return weights[:, keep], idx0[:, keep]
 
 
-def _resize_axis(a: np.ndarray, axis: int, out_length: int, scale: float, antialiasing: bool,
-                 padding: str) -> np.ndarray:
-    w, idx = contributions(a.shape[axis], out_length, scale, antialiasing, padding)
+def _resize_axis(a: np.ndarray, axis: int, out_length: int, scale: float, padding: str) -> np.ndarray:
+    w, idx = contributions(a.shape[axis], out_length, scale, padding)
     moved = np.moveaxis(a, axis, 0)  # (in, ...)
     gathered = moved[idx]  # (out, P, ...)
     out = np.einsum("op,op...->o...", w, gathered)
@@ -93,7 +91,7 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
 
 
 def imresize(img: np.ndarray, scale: float | None = None, output_shape: tuple[int, int] | None = None,
-             antialiasing: bool = True, padding: str = "symmetric") -> np.ndarray:
+             padding: str = "symmetric") -> np.ndarray:
     """Bicubic resize of an (H, W) or (H, W, C) image, as MATLAB's imresize.
 
     scale: one factor for both axes (e.g. 1/4 or 2); output size ``ceil(H * scale)`` x
@@ -117,12 +115,12 @@ def imresize(img: np.ndarray, scale: float | None = None, output_shape: tuple[in
         out_hw = (_len(h, scales[0]), _len(w, scales[1]))
     else:
         out_hw = (int(output_shape[0]), int(output_shape[1]))
-        scales = (out_hw[0] / h, out_hw[1] / w) if scale is None else (float(scale), float(scale))
+        scales = (out_hw[0] / h, out_hw[1] / w)
     is_uint8 = img.dtype == np.uint8
     a = img.astype(np.float64)
     order = (0, 1) if scales[0] <= scales[1] else (1, 0)
     for axis in order:
-        a = _resize_axis(a, axis, out_hw[axis], scales[axis], antialiasing, padding)
+        a = _resize_axis(a, axis, out_hw[axis], scales[axis], padding)
         if is_uint8:
             a = to_uint8(a)
     return a

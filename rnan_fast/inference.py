@@ -192,8 +192,7 @@ def forward_x8(forward: Forward, x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- entry points
 
 def restore_tensor(model, x: Tensor, tile: int | None = None, overlap: int = 32, chop: bool = False,
-                   self_ensemble: bool = False, scale: int | None = None,
-                   chop_min: int | None = None) -> Tensor:
+                   self_ensemble: bool = False, scale: int | None = None) -> Tensor:
     """Restore a batch. x: (B, C, H, W) float on the model's device and dtype, 0..255 values;
     returns (B, C', scale*H, scale*W) in the model's output dtype, unclamped.
 
@@ -212,7 +211,7 @@ def restore_tensor(model, x: Tensor, tile: int | None = None, overlap: int = 32,
             return forward_tiled(model, v, tile, overlap, s)
     elif chop:
         def forward(v):
-            return forward_chop(model, v, s, chop_min)
+            return forward_chop(model, v, s)
     else:
         forward = model
     with torch.inference_mode():
@@ -229,7 +228,7 @@ def restore_image(model, img: np.ndarray, device: torch.device | str = "cpu",
     gray = a.ndim == 2
     t = torch.from_numpy(np.ascontiguousarray(a[None, None] if gray else a.transpose(2, 0, 1)[None]))
     t = t.to(device=device, dtype=dtype)
-    y = restore_tensor(model, t, **kwargs)[0].float().cpu().numpy().astype(np.float64)
+    y = restore_tensor(model, t, **kwargs)[0].float().cpu().numpy()
     if not np.isfinite(y).all():
         hint = " (fp16 overflow? try bf16 or fp32)" if dtype == torch.float16 else ""
         raise FloatingPointError(f"the model produced non-finite values{hint}")
