@@ -17,7 +17,8 @@ extra_info also holds
              (+ read grad, m, t; write grad_m, grad_t; grad_x is the incoming gradient itself);
   GBps       bytes / per_call_s;
   copy_GBps  a device-to-device copy that moves the same number of bytes (read + write), timed
-             the same way in the same run (same L2 behaviour), and pct_of_copy = GBps / copy_GBps;
+             the same way in the same run (same L2 behaviour; measured once per byte count, so the
+             providers of a case share it), and pct_of_copy = GBps / copy_GBps;
   dram_copy_GBps / pct_of_dram_copy: the same against a 2 GiB copy (DRAM bandwidth).
 Note (16, 64, 48, 48) in fp32 is 9.4 MB a tensor: the working set partly fits the H100's 50 MB
 L2, so its GB/s can exceed DRAM bandwidth; (1, 64, 512, 768) is DRAM-bound.
@@ -27,36 +28,27 @@ at (2, 64, 48, 48) fp32) runs so that `pytest benchmarks/` does something.
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import rnan_fast
-from rnan_fast import _ext, reference
+from rnan_fast import _ext, inference, reference
 
 SHAPES = [(16, 64, 48, 48), (16, 64, 96, 96), (1, 64, 512, 768)]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {name: inference.DTYPES[name] for name in ("fp32", "bf16")}
 PASSES = ("fwd", "fwd+bwd")
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="GPU benchmark: no CUDA device on this machine")
 needs_ext = pytest.mark.skipif(not _ext.EXTENSION, reason=f"extension not built: {_ext.EXTENSION_ERROR}")
 
 
-def _eager(x, m, t):
-    return x + torch.sigmoid(m) * t
-
-
-_compiled_cache: dict = {}
-
-
-def _compiled(x, m, t):
-    return _compiled_cache["fn"](x, m, t)
-
-
 def _extension(x, m, t):
     return rnan_fast.ops.gated_residual(x, m, t, backend="extension")
 
 
-PROVIDERS = {"eager": _eager, "compiled": _compiled, "extension": _extension}
+PROVIDERS = ("eager", "compiled", "extension")
 
 
 def _inputs(shape, dtype, device, requires_grad, seed=0):
@@ -67,46 +59,43 @@ def _inputs(shape, dtype, device, requires_grad, seed=0):
     return [a.requires_grad_(requires_grad) for a in (x, m, t)], g
 
 
-def _round_fn(fn, inner, sync):
+def _round_fn(fn, inner):
     def timed():
         for _ in range(inner):
             fn()
-        if sync:
-            torch.cuda.synchronize()
+        torch.cuda.synchronize()
     return timed
 
 
-def _pick_inner(fn, target_s=2e-3, sync=True):
-    """Calls per round so that one round lasts >= target_s (measured with CUDA events)."""
-    fn()
-    torch.cuda.synchronize()
+def _event_s_per_call(fn, inner):
+    """Seconds per call of `inner` back-to-back calls of fn, measured with CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(5):
+    for _ in range(inner):
         fn()
     end.record()
     torch.cuda.synchronize()
-    per_call = max(start.elapsed_time(end) / 1e3 / 5, 1e-7)
+    return start.elapsed_time(end) / 1e3 / inner
+
+
+def _pick_inner(fn, target_s=2e-3):
+    """Calls per round so that one round lasts >= target_s (measured with CUDA events)."""
+    fn()
+    torch.cuda.synchronize()
+    per_call = max(_event_s_per_call(fn, 5), 1e-7)
     return max(1, min(1000, int(target_s / per_call) + 1))
 
 
+@functools.lru_cache(maxsize=None)
 def _copy_GBps(nbytes: int, rounds: int = 15) -> float:
-    """Bandwidth of a device-to-device copy that moves nbytes in all (nbytes / 2 read + written)."""
+    """Bandwidth of a device-to-device copy that moves nbytes in all (nbytes / 2 read + written).
+    Measured once per nbytes in a run (cached): every provider of a case compares with the same copy."""
     n = max(1, nbytes // 2 // 4)
     src = torch.randn(n, device="cuda")
     dst = torch.empty_like(src)
     fn = lambda: dst.copy_(src)  # noqa: E731
     inner = _pick_inner(fn)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(rounds):
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / inner)
-    times.sort()
+    times = sorted(_event_s_per_call(fn, inner) for _ in range(rounds))
     return 2 * n * 4 / times[len(times) // 2] / 1e9
 
 
@@ -129,8 +118,11 @@ def test_gated_residual(benchmark, dram_copy_GBps, provider, shape, dtype_name, 
     (x, m, t), g = _inputs(shape, dtype, "cuda", backward)
     if provider == "compiled":
         torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no dynamic-shape fallback
-        _compiled_cache["fn"] = torch.compile(_eager, dynamic=False)
-    fn = PROVIDERS[provider]
+        fn = torch.compile(reference.gated_residual, dynamic=False)
+    elif provider == "eager":
+        fn = reference.gated_residual
+    else:
+        fn = _extension
 
     def run():
         if backward:  # autograd.grad: no accumulation into .grad (that would add a copy of g for x)
@@ -149,18 +141,18 @@ def test_gated_residual(benchmark, dram_copy_GBps, provider, shape, dtype_name, 
     torch.cuda.synchronize()
 
     inner = _pick_inner(run)
-    benchmark.pedantic(_round_fn(run, inner, sync=True), rounds=15, iterations=1, warmup_rounds=2)
+    benchmark.pedantic(_round_fn(run, inner), rounds=15, iterations=1, warmup_rounds=2)
     per_call = benchmark.stats.stats.median / inner
-    elt = torch.tensor([], dtype=dtype).element_size()
-    nbytes = (9 if backward else 4) * x.numel() * elt
+    nbytes = (9 if backward else 4) * x.numel() * dtype.itemsize
     gbps = nbytes / per_call / 1e9
     copy = _copy_GBps(nbytes)
+    info = rnan_fast.backend_info()
     benchmark.extra_info.update({
         "provider": provider, "shape": list(shape), "dtype": dtype_name, "passes": passes,
         "inner": inner, "per_call_s": per_call, "bytes": nbytes, "GBps": gbps,
         "copy_GBps": copy, "pct_of_copy": 100 * gbps / copy,
         "dram_copy_GBps": dram_copy_GBps, "pct_of_dram_copy": 100 * gbps / dram_copy_GBps,
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "device": info["device"], "torch": info["torch"],
     })
 
 

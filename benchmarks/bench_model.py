@@ -52,7 +52,7 @@ import pytest
 import torch
 
 import rnan_fast
-from rnan_fast.inference import restore_tensor
+from rnan_fast.inference import DTYPES, restore_tensor
 from rnan_fast.modules import NonLocalBlock2D, ResAttModuleDownUpPlus
 from rnan_fast.train import make_optimizer, make_train_step
 
@@ -77,18 +77,16 @@ SUMMARY: list[dict] = []
 def _official_nonlocal(self: NonLocalBlock2D, x):
     """The official non-local block: the whole N x N matrix, softmax over queries (dim=1)."""
     b, _, h, w = x.shape
-    theta = self.theta(x).reshape(b, self.inter_channels, h * w).transpose(1, 2)  # (B, N, C/2)
-    phi = self.phi(x).reshape(b, self.inter_channels, h * w)                      # (B, C/2, N)
-    g = self.g(x).reshape(b, self.inter_channels, h * w).transpose(1, 2)          # (B, N, C/2)
-    p = torch.softmax(torch.matmul(theta, phi), dim=1 if self.softmax_over == "query" else 2)
-    y = torch.matmul(p, g).transpose(1, 2).reshape(b, self.inter_channels, h, w)
-    return self.W(y) + x
+    theta, phi, g = (c(x).flatten(2).transpose(1, 2) for c in (self.theta, self.phi, self.g))  # (B, N, C/2)
+    y = rnan_fast.reference.nonlocal_attention_naive(theta, phi, g, self.softmax_over)
+    return self.W(y.transpose(1, 2).reshape(b, self.inter_channels, h, w)) + x
 
 
 def _official_attention_block(self: ResAttModuleDownUpPlus, x):
     """The official gate in eager PyTorch: trunk * sigmoid(mask) + x."""
     r = self.RA_RB1(x)
-    h = self.RA_TB(r) * torch.sigmoid(self.RA_MB(r)) + r   # RA_MB returns the mask logits
+    trunk = self.RA_TB(r)
+    h = rnan_fast.reference.gated_residual(r, self.RA_MB(r), trunk)   # RA_MB returns the mask logits
     return self.RA_tail(h)
 
 
@@ -177,7 +175,8 @@ def _summary_json():
     yield
     if not (CUDA and SUMMARY):
         return
-    device = torch.cuda.get_device_name()
+    info = rnan_fast.backend_info()
+    device = info["device"]
     slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -185,7 +184,7 @@ def _summary_json():
     except OSError:
         commit = None
     doc = {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "commit": commit, "backend_info": rnan_fast.backend_info(), "config": CONFIG,
+           "commit": commit, "backend_info": info, "config": CONFIG,
            "targets": TARGETS, "cases": SUMMARY}
     text = json.dumps(doc, indent=1, default=str)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -257,10 +256,10 @@ def test_train_step(benchmark, name):
 # --------------------------------------------------------------------------- inference
 
 INFER_VARIANTS = {
-    # name: (model variant, dtype)
-    "naive-fp32": ("naive", torch.float32),
-    "ours-fp32": ("ours", torch.float32),
-    "ours-bf16": ("ours", torch.bfloat16),
+    # name: (model variant, precision: a key of rnan_fast.inference.DTYPES)
+    "naive-fp32": ("naive", "fp32"),
+    "ours-fp32": ("ours", "fp32"),
+    "ours-bf16": ("ours", "bf16"),
 }
 _MODELS: dict[str, torch.nn.Module] = {}
 
@@ -268,8 +267,8 @@ _MODELS: dict[str, torch.nn.Module] = {}
 def _infer_model(name):
     """One model per variant for the whole module (weights are ~36 MB)."""
     if name not in _MODELS:
-        variant, dtype = INFER_VARIANTS[name]
-        _MODELS[name] = make_model(variant, DEVICE, dtype=dtype, channels_last=variant == "ours").eval()
+        variant, precision = INFER_VARIANTS[name]
+        _MODELS[name] = make_model(variant, DEVICE, dtype=DTYPES[precision], channels_last=variant == "ours").eval()
     return _MODELS[name]
 
 
@@ -279,24 +278,24 @@ def _infer_model(name):
 @pytest.mark.parametrize("name", list(INFER_VARIANTS))
 def test_inference(benchmark, name, hw, mode):
     """P6: ours-bf16 whole 512x768 <= 200 ms and <= 4 GiB peak; ours whole 1024x1024 runs."""
-    variant, dtype = INFER_VARIANTS[name]
+    variant, precision = INFER_VARIANTS[name]
     h, w = hw
     net = _infer_model(name)
     memory_format = torch.channels_last if variant == "ours" else torch.contiguous_format
     x, _ = _denoise_batch(1, h, w, DEVICE, seed=1)
-    x = x.to(dtype).contiguous(memory_format=memory_format)
+    x = x.to(DTYPES[precision]).contiguous(memory_format=memory_format)
     chop = mode == "chop"
 
     def one():
         with rnan_fast.use_backend(_backend(variant)):
-            restore_tensor(net, x, chop=chop, scale=1)
+            restore_tensor(net, x, chop=chop)  # scale: the model's (model_scale reads config["scale"])
         _sync()
 
     seconds, _, _, oom = _probe(one)  # first call: warm-up (autotuning, allocator)
     if not oom:
         seconds, peak, before, oom = _probe(one)
-    fields = dict(case="infer", name=name, variant=variant, precision="bf16" if dtype == torch.bfloat16 else "fp32",
-                  mode=mode, size=[h, w], megapixels=h * w / 1e6)
+    fields = dict(case="infer", name=name, variant=variant, precision=precision, mode=mode, size=[h, w],
+                  megapixels=h * w / 1e6)
     if oom:
         _record(benchmark, **fields, oom=True, error=oom)
         del x

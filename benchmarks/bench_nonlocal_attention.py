@@ -24,12 +24,12 @@ import pytest
 import torch
 
 import rnan_fast
-from rnan_fast import _ext, reference
+from rnan_fast import _ext, inference, reference
 
 EXP_RATE = 4.1e12          # MUFU ex2 per second, H100 (DESIGN.md section 5)
 D = 32
 SHAPES = [(16, 48 * 48), (16, 96 * 96), (1, 100 * 100), (1, 200 * 200), (1, 256 * 384), (1, 512 * 768)]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {name: inference.DTYPES[name] for name in ("fp32", "bf16")}
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="GPU benchmark: no CUDA device on this machine")
 
@@ -63,7 +63,7 @@ PROVIDERS = {"naive": _naive, "sdpa2": _sdpa2, "ours": _ours}
 
 
 def _naive_bytes(B, N, dtype, backward):
-    per = B * N * N * torch.tensor([], dtype=dtype).element_size()
+    per = B * N * N * dtype.itemsize
     return per * (4 if backward else 2)
 
 
@@ -117,11 +117,12 @@ def test_nonlocal_attention(benchmark, provider, B, N, dtype_name, passes):
     benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=2)
     t = benchmark.stats.stats.median
     exps = (5 if backward else 2) * n2
+    info = rnan_fast.backend_info()
     benchmark.extra_info.update({
         "provider": provider, "B": B, "N": N, "d": D, "dtype": dtype_name, "passes": passes,
         "scores_per_s": n2 / t, "exp_floor_s": exps / EXP_RATE, "exp_floor_fraction": exps / EXP_RATE / t,
-        "peak_mem_mib": peak / 2**20, "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__, "triton": _ext.triton_version(),
+        "peak_mem_mib": peak / 2**20, "device": info["device"],
+        "torch": info["torch"], "triton": info["triton_version"],
         "fp32_matmul_precision": torch.get_float32_matmul_precision(),
     })
 
