@@ -6,6 +6,7 @@
   Tests that need it skip with a reason when it is absent, unless RNAN_FAST_REQUIRE_SHARED=1
   (set by .ci/run), where its absence is a failure.
 """
+import json
 import os
 from pathlib import Path
 
@@ -45,6 +46,23 @@ def data_dir(shared_dir) -> Path:
     return _require(shared_dir / "data")
 
 
+@pytest.fixture(scope="session")
+def official_tiny(fixtures_dir) -> list:
+    """[(path, contents)] of the official_*_tiny.pt fixtures (config, state_dict, golden cases),
+    loaded once per session. Shared: tests read them and never modify them."""
+    files = sorted(fixtures_dir.glob("official_*_tiny.pt"))
+    if not files:
+        pytest.fail(f"no official_*_tiny.pt fixtures in {fixtures_dir}")
+    return [(path, torch.load(path, map_location="cpu", weights_only=False)) for path in files]
+
+
+@pytest.fixture(scope="session")
+def official_manifest(fixtures_dir) -> dict:
+    """The official state-dict manifest: {name: {config fields, "state_dict": [[key, shape]], "params"}}."""
+    with open(fixtures_dir / "official_state_dict_manifest.json") as f:
+        return json.load(f)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module of tiny-network tests (`pytestmark =
@@ -78,6 +96,7 @@ def official_ops(monkeypatch):
         patcher.setattr(rnan_fast.ops, "nonlocal_attention",
                         lambda theta, phi, g, softmax_over="query", backend=None:
                         rnan_fast.reference.nonlocal_attention_naive(theta, phi, g, softmax_over))
+        # Spelled as the official model writes it, not through rnan_fast.reference (bitwise equal).
         patcher.setattr(rnan_fast.ops, "gated_residual",
                         lambda x, mask_logits, trunk, backend=None: trunk * torch.sigmoid(mask_logits) + x)
     return apply

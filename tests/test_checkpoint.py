@@ -33,11 +33,8 @@ def _assert_loaded(net, sd):
 
 # ---------------------------------------------------------------------- inference of the configuration
 
-def test_fixture_configurations_are_inferred(fixtures_dir):
-    files = sorted(fixtures_dir.glob("official_*_tiny.pt"))
-    assert files
-    for path in files:
-        data = torch.load(path, map_location="cpu", weights_only=False)
+def test_fixture_configurations_are_inferred(official_tiny):
+    for path, data in official_tiny:
         net = RNAN.from_checkpoint(data["state_dict"])
         expected = {k: data["config"][k] for k in ("n_colors", "scale", "n_feats", "n_resgroups", "rgb_range")}
         assert {k: net.config[k] for k in expected} == expected, path.name
@@ -73,12 +70,8 @@ def test_round_trip_through_a_file(tmp_path, cfg):
     assert loaded_str.config["softmax_over"] == "query"
 
 
-def test_the_manifest_configurations_are_inferred(fixtures_dir):
-    import json
-
-    with open(fixtures_dir / "official_state_dict_manifest.json") as f:
-        manifest = json.load(f)
-    for name, entry in manifest.items():
+def test_the_manifest_configurations_are_inferred(official_manifest):
+    for name, entry in official_manifest.items():
         sd = {k: torch.empty(s, device="meta") for k, s in entry["state_dict"]}
         cfg = infer_config(sd, name)
         assert [cfg[k] for k in ("n_colors", "scale", "n_feats", "n_resgroups")] == \
@@ -160,7 +153,7 @@ def test_other_configuration_lists_misshaped_keys(tmp_path):
     assert "more (the error's .misshaped attribute" in str(info.value)
 
 
-def test_sr_checkpoint_into_a_denoiser_reports_every_kind(tmp_path):
+def test_sr_checkpoint_into_a_denoiser_reports_every_kind():
     sd = RNAN(n_colors=3, scale=2, n_feats=4, n_resgroups=2).state_dict()
     with pytest.raises(CheckpointError) as info:
         RNAN(n_colors=3, scale=4, n_feats=4, n_resgroups=2).load_checkpoint(sd)
@@ -168,7 +161,7 @@ def test_sr_checkpoint_into_a_denoiser_reports_every_kind(tmp_path):
     assert "missing keys" in msg and "tail.0.2.weight" in msg
 
 
-def test_unexpected_keys(tmp_path):
+def test_unexpected_keys():
     sd = dict(_tiny().state_dict())
     sd["body.0.extra.weight"] = torch.zeros(3)
     sd["head.1.bias"] = torch.zeros(4)

@@ -14,29 +14,18 @@ import pytest
 import torch
 from PIL import Image
 
-from rnan_fast import cli
+from rnan_fast import RNAN, cli
 from rnan_fast import data as D
 from rnan_fast.data import _umask
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _rnan():
-    import rnan_fast
-
-    if hasattr(rnan_fast, "RNAN"):
-        return rnan_fast.RNAN
-    from rnan_fast.model import RNAN
-
-    return RNAN
-
-
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory):
     """Tiny checkpoints: gray (scale 1), rgb (scale 1), sr2 (RGB, scale 2); plus broken files."""
-    RNAN = _rnan()
     d = tmp_path_factory.mktemp("ckpt")
-    out = {}
+    out, state_dicts = {}, {}
     for name, colors, scale in (("gray", 1, 1), ("rgb", 3, 1), ("sr2", 3, 2)):
         torch.manual_seed({"gray": 1, "rgb": 2, "sr2": 3}[name])
         net = RNAN(n_colors=colors, scale=scale, n_feats=8, n_resgroups=2)
@@ -44,11 +33,12 @@ def ckpts(tmp_path_factory):
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(torch.randn_like(p) * 0.01)
+        state_dicts[name] = net.state_dict()
         out[name] = d / f"{name}.pt"
-        torch.save(net.state_dict(), out[name])
+        torch.save(state_dicts[name], out[name])
     out["garbage"] = d / "garbage.pt"
     out["garbage"].write_bytes(b"this is not a checkpoint")
-    sd = torch.load(out["rgb"], weights_only=True)
+    sd = dict(state_dicts["rgb"])  # a copy: the pickled checkpoint below needs the whole one
     sd.pop(next(iter(sd)))
     sd["extra.weight"] = torch.zeros(1)
     out["wrong"] = d / "wrong.pt"
@@ -56,7 +46,7 @@ def ckpts(tmp_path_factory):
     # a training-script checkpoint: the state dict beside pickled Python objects
     import argparse
     out["pickled"] = d / "pickled.pt"
-    torch.save({"args": argparse.Namespace(scale=[1], n_colors=3), "state_dict": torch.load(out["rgb"])},
+    torch.save({"args": argparse.Namespace(scale=[1], n_colors=3), "state_dict": state_dicts["rgb"]},
                out["pickled"])
     return out
 
@@ -114,7 +104,7 @@ def test_restore_folder_gray_model_matches_library(ckpts, crops, tmp_path, capsy
     assert "convert('L')" in err
     got = D.read_image(outdir / "kodim01.png")
     assert got.shape == (30, 40)
-    net = _rnan().from_checkpoint(ckpts["gray"]).eval()
+    net = RNAN.from_checkpoint(ckpts["gray"]).eval()
     ref = restore_image(net, D.to_gray(D.read_image(crops["rgb"] / "kodim01.png")))
     assert np.array_equal(got, ref)
     assert (outdir / "mcm1.png").stat().st_mode & 0o777 == 0o666 & ~_umask()
@@ -270,7 +260,7 @@ def test_eval_with_model(ckpts, crops, tmp_path, capsys, task, opts, ckpt):
         lq = D.bicubic_downscale(D.to_rgb(gt), 2)
     kw = {"self_ensemble": "--self-ensemble" in opts, "chop": "--chop" in opts,
           "tile": 24 if "--tile" in opts else None, "overlap": 8}
-    out_img = restore_image(_rnan().from_checkpoint(ckpts[ckpt]).eval(), lq, **kw)
+    out_img = restore_image(RNAN.from_checkpoint(ckpts[ckpt]).eval(), lq, **kw)
     want_p, want_s = evaluate(gt, out_img, task, 2 if task == "sr" else 1)
     assert float(rows[0]["psnr"]) == pytest.approx(want_p, abs=2e-6)
     assert float(rows[0]["ssim"]) == pytest.approx(want_s, abs=2e-6)
@@ -425,13 +415,8 @@ def test_eval_sr_images_smaller_than_scale_or_border(ckpts, crops, tmp_path, cap
         assert [r["image"] for r in rows] == ["c_ok.png", "mean"] and np.isfinite(float(rows[1]["psnr"]))
 
 
-def _no_fast_here(monkeypatch):
-    """Make sure the fast non-local kernel cannot run on CPU tensors (no Triton interpreter)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
 def test_fast_backend_unavailable_is_a_usage_error(ckpts, crops, tmp_path, capsys, monkeypatch):
-    _no_fast_here(monkeypatch)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the fast non-local kernel cannot run on CPU tensors
     import rnan_fast.data
 
     reads = []

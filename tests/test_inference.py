@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from rnan_fast import RNAN
 from rnan_fast.inference import (chop_min_size, forward_chop, forward_tiled, forward_x8, model_colors, model_scale,
                                  restore_image, restore_tensor)
 
@@ -234,11 +235,6 @@ def test_restore_image_uses_the_package_rounding():
 
 def test_rnan_whole_tiled_chop_ensemble_run():
     """The real model through every path on a small input (shapes, finiteness, determinism)."""
-    rnan_fast = pytest.importorskip("rnan_fast")
-    if not hasattr(rnan_fast, "RNAN"):
-        from rnan_fast.model import RNAN
-    else:
-        RNAN = rnan_fast.RNAN
     torch.manual_seed(0)
     net = RNAN(n_colors=3, scale=2, n_feats=8, n_resgroups=2).eval()
     assert model_scale(net) == 2 and model_colors(net) == 3

@@ -1,23 +1,15 @@
 """rnan_fast.RNAN against the official model: golden outputs, state-dict layout, odd sizes,
 gradients and torch.compile. CPU only, small networks."""
 import argparse
-import json
 
 import pytest
 import torch
 
 import rnan_fast
-from rnan_fast import RNAN, modules, reference
+from rnan_fast import RNAN, modules
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-def _fixture_files(fixtures_dir):
-    files = sorted(fixtures_dir.glob("official_*_tiny.pt"))
-    if not files:
-        pytest.fail(f"no official_*_tiny.pt fixtures in {fixtures_dir}")
-    return files
-
 
 def _randomize(net, seed, std=0.2):
     """Random weights everywhere (the non-local W too, which starts at zero), reproducibly."""
@@ -30,10 +22,9 @@ def _randomize(net, seed, std=0.2):
 
 # ---------------------------------------------------------------------- golden outputs
 
-def test_golden_fixtures(fixtures_dir):
+def test_golden_fixtures(official_tiny):
     rnan_fast.set_backend("reference")
-    for path in _fixture_files(fixtures_dir):
-        data = torch.load(path, map_location="cpu", weights_only=False)
+    for path, data in official_tiny:
         net = RNAN(**data["config"]).double()
         net.load_state_dict(data["state_dict"], strict=True)
         net.eval()
@@ -50,18 +41,13 @@ def test_golden_fixtures(fixtures_dir):
 
 # ---------------------------------------------------------------------- state-dict layout
 
-def _manifest(fixtures_dir):
-    with open(fixtures_dir / "official_state_dict_manifest.json") as f:
-        return json.load(f)
-
-
-def test_manifest_has_all_configurations(fixtures_dir):
-    assert len(_manifest(fixtures_dir)) == 7
+def test_manifest_has_all_configurations(official_manifest):
+    assert len(official_manifest) == 7
 
 
 @pytest.mark.parametrize("name", ["dn_rgb", "dn_gray", "car", "demosaic", "sr2", "sr3", "sr4"])
-def test_state_dict_matches_official_manifest(fixtures_dir, name):
-    entry = _manifest(fixtures_dir)[name]
+def test_state_dict_matches_official_manifest(official_manifest, name):
+    entry = official_manifest[name]
     with torch.device("meta"):
         net = RNAN(n_colors=entry["n_colors"], scale=entry["scale"], n_feats=entry["n_feats"],
                    n_resgroups=entry["n_resgroups"])
@@ -71,8 +57,8 @@ def test_state_dict_matches_official_manifest(fixtures_dir, name):
 
 
 @pytest.mark.parametrize("name", ["dn_gray", "sr3"])
-def test_namespace_form_matches_manifest(fixtures_dir, name):
-    entry = _manifest(fixtures_dir)[name]
+def test_namespace_form_matches_manifest(official_manifest, name):
+    entry = official_manifest[name]
     # The official option set (SR/code/option.py style): scale is a list, extra fields ignored.
     args = argparse.Namespace(n_resgroups=entry["n_resgroups"], n_resblocks=16, n_feats=entry["n_feats"],
                               reduction=16, scale=[entry["scale"]], rgb_range=255, n_colors=entry["n_colors"],
@@ -191,7 +177,6 @@ def test_matches_official_formulas_with_key_softmax(official_ops):
 @pytest.mark.parametrize("hw", [(1, 1), (5, 7), (9, 6), (13, 17), (2, 3)])
 def test_odd_sizes(scale, hw):
     rnan_fast.set_backend("reference")
-    torch.manual_seed(0)
     net = _randomize(RNAN(n_colors=3, scale=scale, n_feats=4, n_resgroups=2), seed=2, std=0.1).float()
     x = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(3)) * 255
     with torch.no_grad():

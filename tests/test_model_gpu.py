@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import rnan_fast
-from rnan_fast.data import add_gaussian_noise, list_images, read_image
+from rnan_fast.data import add_gaussian_noise, list_images, read_image, to_rgb
+from rnan_fast.metrics import psnr
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU numerics: needs a CUDA device")
 
@@ -34,9 +35,7 @@ def noisy_images(data_dir):
     out = []
     for folder, count in IMAGES:
         for i, path in enumerate(list_images(data_dir / folder)[:count]):
-            img = read_image(path)
-            if img.ndim == 2:
-                img = np.repeat(img[:, :, None], 3, axis=2)
+            img = to_rgb(read_image(path))
             noisy = add_gaussian_noise(img, 30, seed=i)
             x = torch.from_numpy(noisy.transpose(2, 0, 1).copy()).float()[None].to(DEV)
             out.append((f"{folder}/{path.name}", x))
@@ -59,14 +58,10 @@ MODELS = {
 }
 
 
-def psnr(ref: torch.Tensor, out: torch.Tensor, peak: float = 255.0) -> float:
-    mse = float((ref.double() - out.double()).square().mean())
-    return float("inf") if mse == 0 else 10 * np.log10(peak ** 2 / mse)
-
-
 @pytest.fixture(scope="module", params=list(MODELS))
 def outputs(request, noisy_images, fixtures_dir):
-    """(model name, [(image name, {"ref32", "ref16", "fast32", "fast16"} outputs as float32)]).
+    """(model name, [(image name, {"ref32", "ref16", "fast32", "fast16"} outputs as float32 numpy
+    arrays, (1, 3, H, W), for rnan_fast.metrics.psnr at peak 255)]).
 
     ref*: backend "reference", NCHW; fast*: backend "auto", channels_last; *16: bf16 weights and
     input. TF32 is off for all of them, so fp32 differences are the kernels' alone."""
@@ -88,7 +83,7 @@ def outputs(request, noisy_images, fixtures_dir):
             out = {k: v.float() for k, v in out.items()}
             for k, v in out.items():
                 assert v.shape == x.shape and torch.isfinite(v).all(), f"{request.param} {name} {k}"
-            rows.append((name, out))
+            rows.append((name, {k: v.cpu().numpy() for k, v in out.items()}))
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     return request.param, rows

@@ -4,13 +4,12 @@ Ground truth is always `nonlocal_attention_naive` in float64. Low-precision resu
 tolerance rule: error vs float64 <= 2 x (PyTorch's own error computing the naive formula in that
 dtype) + a small floor relative to the result's magnitude.
 """
-import os
+import contextlib
 import random
 
 import pytest
 import torch
 
-import rnan_fast
 from rnan_fast import _ext, reference
 from rnan_fast.ops import nonlocal_attention
 
@@ -263,6 +262,17 @@ def fp32_grad_floor(th, ph):
     return 1e-7 + 4e-9 * s_max
 
 
+@contextlib.contextmanager
+def _matmul_precision(p="highest"):
+    """torch's float32 matmul precision set to `p` for the duration (the previous one restored)."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(p)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
 @needs_triton
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "{mode}-B{B}-N{N}-d{d}-dv{dv}-{scale}-{layout}".format(**c))
 def test_triton_fp32_matches_float64(case):
@@ -272,7 +282,7 @@ def test_triton_fp32_matches_float64(case):
                             device=DEV)
     from rnan_fast.kernels import nonlocal_attention as kernel
 
-    with _highest():
+    with _matmul_precision():
         out, stats = kernel.forward(th, ph, g, mode)
         dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(c["seed"])).to(DEV)
         grads = kernel.backward(dout, th, ph, g, stats, mode, False)
@@ -286,23 +296,12 @@ def test_triton_fp32_matches_float64(case):
         assert_close_rule(a, b, l, name, fp32_grad_floor(th, ph), sc)
 
 
-class _highest:
-    """fp32 dots at full precision for the duration (and restore the previous setting)."""
-
-    def __enter__(self):
-        self.prev = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-
-    def __exit__(self, *exc):
-        torch.set_float32_matmul_precision(self.prev)
-
-
 @needs_triton
 @pytest.mark.parametrize("mode", MODES)
 def test_triton_op_autograd_noncontiguous(mode):
     th, ph, g = make_inputs(2, 50, 32, 16, layout="permuted", scale="image", seed=11, device=DEV)
     xs = [t.detach().requires_grad_() for t in (th, ph, g)]
-    with _highest():
+    with _matmul_precision():
         y = nonlocal_attention(*xs, softmax_over=mode, backend="triton")
         dout = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEV)
         y.backward(dout)
@@ -320,7 +319,7 @@ def test_triton_expanded_grad_output(mode):
     th, ph, g = make_inputs(2, 33, 16, 32, seed=16, device=DEV)
     w = torch.randn(2, 33, generator=torch.Generator().manual_seed(3)).to(DEV)
     xs = [t.detach().requires_grad_() for t in (th, ph, g)]
-    with _highest():
+    with _matmul_precision():
         (nonlocal_attention(*xs, softmax_over=mode, backend="triton").sum(2) * w).sum().backward()
         ref, ref_grads = naive_with_grads(th, ph, g, mode, w[:, :, None].expand(2, 33, 32))
     for x, b, sc in zip(xs, ref_grads, grad_scales(th, ph, g, w[:, :, None].expand(2, 33, 32))):
@@ -398,9 +397,7 @@ def test_opcheck_triton(mode):
                                              (torch.float32, "high"), (torch.float32, "highest")])
 @pytest.mark.parametrize("scale", ["unit", "image"])
 def test_gpu_dtypes_tolerance_rule(mode, dtype, precision, scale):
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
+    with _matmul_precision(precision):
         for B, N, d in ((2, 1000, 32), (1, 2305, 64), (3, 257, 16)):
             th, ph, g = make_inputs(B, N, d, d, dtype=dtype, scale=scale, seed=N, device="cuda")
             xs = [t.detach().requires_grad_() for t in (th, ph, g)]
@@ -416,8 +413,6 @@ def test_gpu_dtypes_tolerance_rule(mode, dtype, precision, scale):
             for name, x, b, l, sc in zip(("dtheta", "dphi", "dg"), xs, ref_grads, low_grads,
                                          grad_scales(th, ph, g, dout)):
                 assert_close_rule(x.grad, b, l, f"{name} {dtype} {precision} N={N}", 2 * floor, sc)
-    finally:
-        torch.set_float32_matmul_precision(prev)
 
 
 def _chunked_reference_rows(th, ph, g, mode, rows, chunk=4096):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import rnan_fast
-from rnan_fast.train import TrainStep, make_optimizer, make_train_step, train
+from rnan_fast.train import make_optimizer, make_train_step, train
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graph path: needs a CUDA device")
