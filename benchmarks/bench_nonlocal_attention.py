@@ -124,7 +124,56 @@ def test_nonlocal_attention(benchmark, provider, B, N, dtype_name, passes):
         "peak_mem_mib": peak / 2**20, "device": info["device"],
         "torch": info["torch"], "triton": info["triton_version"],
         "fp32_matmul_precision": torch.get_float32_matmul_precision(),
+        **({"tuned_configs": _tuned_configs()} if provider == "ours" else {}),
     })
+
+
+def _tuned_configs():
+    """The config each of our kernels ran with last (what the autotuner chose for this shape)."""
+    from rnan_fast.kernels import nonlocal_attention as kernel
+
+    names = ("_col_lse_kernel", "_fwd_known_lse_kernel", "_bwd_kv_kernel", "_bwd_q_kernel")
+    return {n: str(getattr(kernel, n).best_config) for n in names if hasattr(getattr(kernel, n), "best_config")}
+
+
+def _pass2_candidates():
+    """Pass-2 configs with POLY_PART > 0 and their POLY_PART = 0 twins (same tile), for a same-run
+    comparison; empty without Triton."""
+    if not _ext.triton_available():
+        return []
+    from rnan_fast.kernels import nonlocal_attention as kernel
+
+    tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+    poly_tiles = {tile(c) for c in kernel.KNOWN_LSE_CONFIGS if c.kwargs["POLY_PART"]}
+    return [c for c in kernel.KNOWN_LSE_CONFIGS if tile(c) in poly_tiles]
+
+
+@needs_cuda
+@pytest.mark.parametrize("config", _pass2_candidates(), ids=str)
+@pytest.mark.parametrize("B,N", [(1, 512 * 768), (16, 48 * 48)], ids=["B1-N512x768", "B16-N48x48"])
+def test_column_forward_pass2_config(benchmark, config, B, N):
+    """bf16 column forward with pass 2 forced to `config` (pass 1 tuned as usual): does moving
+    1/POLY_PART of the exps to the FMA pipes pay on this GPU? Compare with the twin of the same tile
+    (benchmarks/instruction_mix.py predicts 62.5 -> 54.7 milli-clocks per score for pass 2)."""
+    from rnan_fast.kernels import nonlocal_attention as kernel
+
+    th, ph, g = _inputs(B, N, torch.bfloat16, "cuda", False)
+    with kernel.forced_config(kernel._fwd_known_lse_kernel, config):
+        kernel.forward(th, ph, g, "query")                     # compile
+        torch.cuda.synchronize()
+
+        def timed():
+            kernel.forward(th, ph, g, "query")
+            torch.cuda.synchronize()
+
+        n2 = B * N * N
+        benchmark.pedantic(timed, rounds=max(3, min(30, int(0.5 * EXP_RATE / (2 * n2)))), iterations=1,
+                           warmup_rounds=1)
+    t = benchmark.stats.stats.median
+    benchmark.extra_info.update({"B": B, "N": N, "d": D, "dtype": "bf16", "config": str(config),
+                                 "poly_part": config.kwargs["POLY_PART"], "scores_per_s": n2 / t,
+                                 "exp_floor_fraction": 2 * n2 / EXP_RATE / t,
+                                 "pass1_config": str(kernel._col_lse_kernel.best_config)})
 
 
 def test_cpu_reference_blocked_vs_naive(benchmark):

@@ -34,6 +34,10 @@ Column softmax (softmax_over="query", official RNAN, softmax over queries, dim=1
   pass 2 `_fwd_known_lse_kernel`, query-major: acc_i = sum_j exp2((S_ij - m_j) log2e - r_j) g_j.
           Every weight is already final and <= 1 (up to rounding), so there is no running
           max, no rescaling of the accumulator and no final divide: N^2 exps, two dots.
+          Configs with POLY_PART = 8 (or 4) evaluate 1/8 (1/4) of these exps by a cubic on the
+          FMA pipes (`_exp2_split`): at d = 32 the pass is bound by the MUFU unit's 16 ex2 per
+          clock and SM, with issue slots to spare (benchmarks/instruction_mix.py). Forward output
+          only: the saved statistics and the backward never see the polynomial.
 Row softmax (softmax_over="key", ordinary attention): `_fwd_row_kernel`, one query-major
   online-softmax pass (running max m_i, sum l_i, rescaled accumulator), writes out and (m_i, r_i).
 
@@ -69,15 +73,17 @@ Dot precision: fp16/bf16 use tensor cores. fp32 follows torch.get_float32_matmul
 fraction of the cost of "ieee" FMA dots; switch the constant to "ieee" if a GPU run shows
 tf32x3 outside the tests' tolerance), "high"/"medium" -> "tf32".
 
-Tuning: on a GPU every kernel is autotuned over 8 block/warp/stage configs, keyed on
+Tuning: on a GPU every kernel is autotuned over 8-13 block/warp/stage configs, keyed on
 (N bucket = next power of two, D, DV, dot precision, softmax mode, dtypes); RNAN_FAST_AUTOTUNE=0 at import skips tuning
 (first config of each list; the GPU tests use it to keep compile time down). Tuning benchmarks (and syncs), so
 run each new shape once eagerly before capturing a CUDA graph. Under TRITON_INTERPRET=1 (CPU
-tests) one small asymmetric config (BLOCK_M=32, BLOCK_N=16) is used and nothing is tuned.
+tests) one small asymmetric config (BLOCK_M=32, BLOCK_N=16) is used and nothing is tuned (pass 2
+has one per POLY_PART; the tests force each with `forced_config`).
 Launches go to the current stream; no host synchronisation, no .item().
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -97,11 +103,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Configs. Query-major kernels own BLOCK_M queries and step BLOCK_N keys; key-major ones own
 # BLOCK_N keys and step BLOCK_M queries.
 # ----------------------------------------------------------------------------------------------
-def _configs(pairs):
+def _configs(entries):
+    """triton.Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages[, POLY_PART]) tuples."""
     if _INTERPRET:
-        # One config, no tuning; asymmetric so that a swapped index shows up in the tests.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+        # Small asymmetric blocks (a swapped index shows up in the tests), one per POLY_PART.
+        entries = list(dict.fromkeys((32, 16, 4, 1) + e[4:] for e in entries))
+    return [triton.Config({"BLOCK_M": e[0], "BLOCK_N": e[1], **({"POLY_PART": e[4]} if len(e) > 4 else {})},
+                          num_warps=e[2], num_stages=e[3]) for e in entries]
 
 
 # The first config of each list is the default when tuning is off (RNAN_FAST_AUTOTUNE=0): chosen
@@ -110,6 +118,13 @@ def _configs(pairs):
 # is what the pipeline stages hold.
 _QMAJOR = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 4),
            (64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 4, 3), (64, 32, 4, 4)]
+# Column pass 2 also tries moving 1/POLY_PART of its exps off the MUFU unit (_exp2_split), on the
+# tiles where benchmarks/instruction_mix.py predicts a gain for bf16 at d = 16-64: MUFU-bound at
+# 62.5 mclk per score without, 54.7 with POLY_PART = 8 (issue 50-53); 1/4 turns them issue-bound
+# (56-60); 128 x 64 tiles are issue-bound at 63 already with 1/8.
+_KNOWN_LSE = [c + (0,) for c in _QMAJOR] + [(128, 128, 8, 2, 8), (256, 64, 8, 3, 0), (256, 64, 8, 3, 8),
+                                            (64, 128, 4, 3, 8), (128, 128, 8, 2, 4)]
+KNOWN_LSE_CONFIGS = _configs(_KNOWN_LSE)   # all candidates of pass 2, for tests that force each one
 # Key-major: the roles swap (own BLOCK_N keys, stream BLOCK_M queries).
 _KMAJOR = [(64, 128, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2), (32, 128, 4, 4),
            (64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 4, 3), (32, 64, 4, 4)]
@@ -131,9 +146,98 @@ def tuning_enabled() -> bool:
     return os.environ.get("RNAN_FAST_AUTOTUNE", "1") not in ("", "0")
 
 
-def _autotune(pairs, key=_KEY):
-    configs = _configs(pairs)
-    return triton.autotune(configs=configs if tuning_enabled() else configs[:1], key=key)
+def _prune_poly(configs, named_args, **kwargs):
+    """Not worth tuning: configs with POLY_PART > 0 under fp32 "highest", where _known_lse_step
+    ignores POLY_PART."""
+    return [c for c in configs if kwargs["PREC"] == "tf32" or not c.kwargs.get("POLY_PART", 0)]
+
+
+def _autotune(entries, key=_KEY):
+    configs = _configs(entries)
+    tune = tuning_enabled() and not _INTERPRET     # the interpreter cannot time anything
+    return triton.autotune(configs=configs if tune else configs[:1], key=key,
+                           prune_configs_by={"early_config_prune": _prune_poly})
+
+
+@contextlib.contextmanager
+def forced_config(kernel, config: triton.Config):
+    """Run the autotuned `kernel` of this module with `config` alone while inside (tests, benchmarks).
+    Not thread-safe; nothing is tuned or cached meanwhile."""
+    saved = kernel.configs
+    kernel.configs = [config]
+    try:
+        yield
+    finally:
+        kernel.configs = saved
+
+
+@triton.jit
+def _log2_weight(s, mx, rr):
+    """log2 of exp(S - LSE) from the split statistics: s - m is exact near the maximum (Sterbenz),
+    so the dominant weight of a saturated softmax comes out as exp2(-r) ~ 1 to the last bit."""
+    return (s - mx) * 1.4426950408889634 - rr                  # FADD + FFMA
+
+
+@triton.jit
+def _weight(s, mx, rr):
+    return tl.math.exp2(_log2_weight(s, mx, rr))               # + MUFU ex2
+
+
+@triton.jit
+def _exp2_fma(x):
+    """2^x for x <= 0 on the FMA and integer pipes instead of the MUFU unit (8 instructions: FMNMX,
+    3 FADD, 3 FFMA, LEA), relative error <= 1.02e-4: below the rounding of the fp16, bf16 or tf32
+    dot that the weight feeds (>= 4.9e-4), never used for the saved statistics. x = j + f with j = round(x) by
+    the 1.5 * 2^23 trick (j lands in t's low mantissa bits) and f in [-0.5, 0.5]; 2^f is a cubic
+    (minimax in relative error, constant term 1 so that 2^0 = 1 exactly); j is added to the
+    exponent field. x is clamped at -125 so that field cannot wrap: results below 2^-125 (which
+    the MUFU gives as 0) come out as ~2^-125, under any output's resolution; -inf only occurs in
+    masked columns, which the caller zeroes. NaN propagates."""
+    x = tl.maximum(x, -125.0, propagate_nan=tl.PropagateNan.ALL)
+    t = x + 12582912.0
+    f = x - (t - 12582912.0)
+    p = tl.fma(tl.fma(tl.fma(f, 0.05500891, 0.242211), f, 0.69328293), f, 1.0)
+    return (p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _halves(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Columns [0, COLS/2) and [COLS/2, COLS) of x (ROWS, COLS). In the MMA result layout a thread
+    holds the same columns of every 8-column group, so for COLS/2 >= 8 this moves no data."""
+    return tl.split(tl.permute(tl.reshape(x, (ROWS, 2, COLS // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _joined(a, b, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Inverse of _halves: a and b (ROWS, COLS/2) side by side."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (ROWS, COLS))
+
+
+@triton.jit
+def _exp2_split(x, ROWS: tl.constexpr, COLS: tl.constexpr, POLY_PART: tl.constexpr):
+    """2^x for a tile x (ROWS, COLS): the last COLS/POLY_PART columns (POLY_PART = 2, 4 or 8) by
+    _exp2_fma, the rest on the MUFU unit, whose 16 ex2 per clock and SM bound a d = 32 pass (at
+    128 x 128, pass 2's 5.6 instructions per score need 44 milli-clocks of issue per SM, the
+    MUFU 62.5); POLY_PART = 0: all on the MUFU unit. Compiled for sm_90, the slices add no
+    shuffle or shared-memory traffic (tests/test_instruction_mix.py)."""
+    # if/else throughout: the compiler visits code after a return inside a constexpr branch.
+    if POLY_PART == 0:
+        y = tl.math.exp2(x)
+    else:
+        a, b = _halves(x, ROWS, COLS)
+        if POLY_PART == 2:
+            b = _exp2_fma(b)
+        else:
+            b1, b2 = _halves(b, ROWS, COLS // 2)
+            if POLY_PART == 4:
+                b2 = _exp2_fma(b2)
+            else:
+                tl.static_assert(POLY_PART == 8, "POLY_PART must be 0, 2, 4 or 8")
+                b21, b22 = _halves(b2, ROWS, COLS // 4)
+                b2 = _joined(tl.math.exp2(b21), _exp2_fma(b22), ROWS, COLS // 4)
+            b = _joined(tl.math.exp2(b1), b2, ROWS, COLS // 2)
+        y = _joined(tl.math.exp2(a), b, ROWS, COLS)
+    return y
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,8 +357,8 @@ def _col_lse_kernel(Q, K, M, R, sqb, sqn, sqd, skb, skn, skd,
 # Forward, column softmax. Pass 2: out_i = sum_j exp2((S_ij - m_j) log2e - r_j) g_j, query-major.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _known_lse_step(acc, q, k_ptrs, v_ptrs, m_ptrs, r_ptrs, start_n, N, offs_n,
-                    MASKED: tl.constexpr, PREC: tl.constexpr):
+def _known_lse_step(acc, q, k_ptrs, v_ptrs, m_ptrs, r_ptrs, start_n, N, offs_n, MASKED: tl.constexpr,
+                    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POLY_PART: tl.constexpr):
     if MASKED:
         valid = (start_n + offs_n) < N
         k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
@@ -268,19 +372,25 @@ def _known_lse_step(acc, q, k_ptrs, v_ptrs, m_ptrs, r_ptrs, start_n, N, offs_n,
         rr = tl.load(r_ptrs)
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
     # Final weights, each <= 1: nothing to rescale later.
-    p = _weight(s, mx[None, :], rr[None, :])
+    # The polynomial exp2 (relative error 1.0e-4) only where the weights then meet a dot of at most
+    # 10 mantissa bits (fp16, bf16, tf32): fp32 "highest" keeps every exp on the MUFU unit.
+    x = _log2_weight(s, mx[None, :], rr[None, :])
+    if PREC == "tf32":
+        p = _exp2_split(x, BLOCK_M, BLOCK_N, POLY_PART)
+    else:
+        p = tl.math.exp2(x)
     if MASKED:
         p = tl.where(valid[None, :], p, 0.0)
     return acc + tl.dot(p.to(v.dtype), v, input_precision=PREC)
 
 
-@_autotune(_QMAJOR)
+@_autotune(_KNOWN_LSE)
 @triton.jit
 def _fwd_known_lse_kernel(Q, K, V, O, M, R,
                           sqb, sqn, sqd, skb, skn, skd, svb, svn, svd, sob, son, sod,
                           N, N_BUCKET,
                           D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POLY_PART: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -301,11 +411,11 @@ def _fwd_known_lse_kernel(Q, K, V, O, M, R,
     for start_n in range(0, n_full, BLOCK_N):
         st = tl.cast(start_n, tl.int64)
         acc = _known_lse_step(acc, q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off, m_base + st + offs_n,
-                              r_base + st + offs_n, start_n, N, offs_n, False, PREC)
+                              r_base + st + offs_n, start_n, N, offs_n, False, PREC, BLOCK_M, BLOCK_N, POLY_PART)
     if n_full < N:
         st = tl.cast(n_full, tl.int64)
         acc = _known_lse_step(acc, q, (k_base + st * skn) + k_off, (v_base + st * svn) + v_off, m_base + st + offs_n,
-                              r_base + st + offs_n, n_full, N, offs_n, True, PREC)
+                              r_base + st + offs_n, n_full, N, offs_n, True, PREC, BLOCK_M, BLOCK_N, POLY_PART)
     tl.store(O + b * sob + rows[:, None] * son + offs_dv[None, :] * sod, acc.to(O.dtype.element_ty),
              mask=m_valid[:, None])
 
@@ -327,11 +437,6 @@ def _load_vec(ptrs, start, N, offs, MASKED: tl.constexpr):
     return tl.load(ptrs)
 
 
-@triton.jit
-def _weight(s, mx, rr):
-    """exp(S - LSE) from the split statistics: s - m is exact near the maximum (Sterbenz), so the
-    dominant weight of a saturated softmax comes out as exp2(-r) ~ 1 to the last bit."""
-    return tl.math.exp2((s - mx) * 1.4426950408889634 - rr)     # FADD + FFMA + ex2
 
 
 @triton.jit

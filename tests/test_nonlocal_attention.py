@@ -389,6 +389,87 @@ def test_opcheck_triton(mode):
 
 
 # ------------------------------------------------------------------------------------------------
+# Column pass 2: every tuning candidate, and the polynomial exp2 some of them use
+# ------------------------------------------------------------------------------------------------
+if TRITON_HERE:
+    import triton
+    import triton.language as tl
+
+    from rnan_fast.kernels import nonlocal_attention as _kernel
+
+    @triton.jit
+    def _apply_exp2_fma(X, Y, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(Y + offs, _kernel._exp2_fma(tl.load(X + offs, mask=offs < n)), mask=offs < n)
+
+
+@needs_triton
+def test_exp2_fma_accuracy():
+    grid = torch.linspace(-140, 0, 70_001, dtype=torch.float64)
+    grid = grid + torch.rand(grid.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2e-3
+    x = torch.cat([grid.float(), torch.tensor([0.0, -1.0, -0.5, 0.5 - 2 ** -24, float("-inf"), float("nan")])]).to(DEV)
+    y = torch.full_like(x, 7.0)                               # poisoned: every element must be written
+    _apply_exp2_fma[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    x, y = x.cpu().double(), y.cpu().double()
+    exact = torch.exp2(x)
+    normal = x > -125
+    rel = ((y[normal] - exact[normal]) / exact[normal]).abs().max().item()
+    assert rel <= 1.02e-4, rel
+    assert y[x == 0].eq(1.0).all() and y[x == -1].eq(0.5).all()          # constant term 1: exact powers of 2
+    low = y[(x <= -125) & torch.isfinite(x)]
+    assert (low >= 0).all() and (low <= 2 ** -124.4).all()            # clamped, never wrapped to inf/nan
+    assert y[x == float("-inf")].item() <= 2 ** -124.4 and torch.isnan(y[torch.isnan(x)]).all()
+
+
+def _twin(config):
+    """The POLY_PART = 0 config with the same tile as `config` (None if the list has none)."""
+    tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+    return next((c for c in _kernel.KNOWN_LSE_CONFIGS if tile(c) == tile(config) and not c.kwargs["POLY_PART"]), None)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if CUDA else []))
+def test_triton_column_pass2_every_config(dtype):
+    """Each tuning candidate of pass 2, forced, against float64: the autotuner may pick any of them.
+    With POLY_PART > 0 the weights carry the polynomial's relative error (<= 1.02e-4), so the
+    bound adds 1.05e-4 * (P |g|), the sum of the magnitudes the output is summed from."""
+    floor = {torch.float32: 2e-5, torch.bfloat16: 1e-2}[dtype]
+    rng = random.Random(7)
+    with _matmul_precision("high"):                       # fp32 dots in tf32: polynomial enabled
+        for i, config in enumerate(_kernel.KNOWN_LSE_CONFIGS):
+            B, N, d = rng.randint(1, 2), rng.choice([67, 129, 300]) + rng.randint(0, 9), rng.choice([16, 32, 64])
+            th, ph, g = make_inputs(B, N, d, d, dtype=dtype, seed=40 + i, device=DEV,
+                                    layout=rng.choice(["contiguous", "permuted"]))
+            with _kernel.forced_config(_kernel._fwd_known_lse_kernel, config):
+                out, _ = _kernel.forward(th, ph, g, "query")
+            ref = reference.nonlocal_attention_naive(th.double(), ph.double(), g.double(), "query")
+            low = reference.nonlocal_attention_naive(th, ph, g, "query")
+            magnitude = reference.nonlocal_attention_naive(th.double(), ph.double(), g.double().abs(), "query")
+            err = (out.double() - ref).abs()
+            bound = (1.05e-4 * magnitude * (config.kwargs["POLY_PART"] > 0) + 2 * (low.double() - ref).abs().max()
+                     + floor * ref.abs().max())
+            assert torch.isfinite(out).all() and (err <= bound).all(), (
+                f"{config}: B={B} N={N} d={d}: max excess {(err - bound).max().item():.3e}")
+
+
+@needs_triton
+def test_triton_polynomial_exp2_only_below_fp32_highest():
+    """A POLY_PART config changes the bits under tf32 (so the polynomial is really used) and not at
+    all under "highest" (fp32-accurate dots keep every exp on the MUFU unit)."""
+    th, ph, g = make_inputs(2, 150, 32, 32, seed=50, device=DEV)
+    poly = [c for c in _kernel.KNOWN_LSE_CONFIGS if c.kwargs["POLY_PART"] and _twin(c)]
+    assert poly, "no POLY_PART config with a POLY_PART = 0 twin to compare with"
+    for precision, same in (("high", False), ("highest", True)):
+        with _matmul_precision(precision):
+            for config in poly:
+                outs = []
+                for c in (config, _twin(config)):
+                    with _kernel.forced_config(_kernel._fwd_known_lse_kernel, c):
+                        outs.append(_kernel.forward(th, ph, g, "query")[0])
+                assert torch.equal(*outs) == same, (precision, config)
+
+
+# ------------------------------------------------------------------------------------------------
 # GPU only: low precision, large N, determinism, CUDA graphs
 # ------------------------------------------------------------------------------------------------
 @needs_cuda

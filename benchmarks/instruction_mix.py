@@ -1,0 +1,137 @@
+"""Static instruction mix of the attention kernels' hot loops, compiled for sm_90 without a GPU.
+
+    python benchmarks/instruction_mix.py                      # column forward, pass 2, bf16, d = 32
+    python benchmarks/instruction_mix.py --kernel _col_lse_kernel --dtype fp32 --d 64
+
+For each config of the kernel's tuning list: the SASS instructions per score of its largest loop
+(per thread per iteration x threads / scores per iteration), the MUFU (ex2) instructions per
+score, and the two bounds they set on an SM, in milli-clocks per score: issue = instructions / 128
+(4 schedulers x 32 lanes per clock) and MUFU = ex2 / 16 (16 per clock). The larger is the
+kernel's floor when the tensor cores and memory keep up; MUFU alone on 132 SMs at 1.98 GHz is
+the measured 4.1e12 exp/s. Also: shared memory, register spills (STL/LDL in the SASS), and
+STS/SHFL inside the loop (data moved between threads, e.g. by a layout conversion).
+A prediction, not a measurement: it ignores latencies, the tensor cores' time and the memory.
+Needs Triton's bundled ptxas and nvdisasm, no GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from rnan_fast.kernels import nonlocal_attention as K
+
+ISSUE_PER_CLK, MUFU_PER_CLK = 128, 16
+STATS = {"M", "R", "DELTA"}                 # fp32 statistics pointers; other pointers take the dtype
+TRITON_DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+_INSTR = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+(?:\.[A-Z0-9_.]+)?)(.*)")
+
+
+def compile_sm90(kernel, config: triton.Config, dtype: str, d: int, prec: str, stats_per_key: bool = True):
+    """Compile an autotuned kernel of kernels/nonlocal_attention.py for sm_90 with `config`, as the
+    launcher specialises it: contiguous (B, N, d) inputs (unit last stride, other strides and all
+    pointers multiples of 16) and an N of no known divisibility."""
+    fn = kernel.fn
+    consts = {"D": d, "DV": d, "PREC": prec, "STATS_PER_KEY": stats_per_key, **config.kwargs}
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.startswith("s") and name.endswith("d"):       # sqd, skd, ...: unit feature stride
+            sig[name], consts[name] = "constexpr", 1
+        elif name not in ("N", "N_BUCKET") and (name.isupper() or name == "DV_"):
+            sig[name] = "*fp32" if name in STATS else "*" + TRITON_DTYPES[dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            if name.startswith("s"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+def sass(compiled) -> str:
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def loops(text: str):
+    """[(Counter of opcodes)] of each loop body: the code from a label to a branch back to it."""
+    instrs, label_at, pending = [], {}, []
+    for line in text.splitlines():
+        m = re.match(r"\s*\.(L_x_\d+):", line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = _INSTR.match(line)
+        if m:
+            addr = int(m.group(1), 16)
+            label_at.update({p: addr for p in pending})
+            pending = []
+            instrs.append((addr, m.group(2), m.group(3)))
+    bodies = []
+    for addr, op, rest in instrs:
+        target = re.search(r"`\(\.(L_x_\d+)\)", rest) if op.startswith("BRA") else None
+        if target and label_at.get(target.group(1), addr + 1) <= addr:
+            lo = label_at[target.group(1)]
+            bodies.append(collections.Counter(o for a, o, _ in instrs if lo <= a <= addr))
+    return bodies
+
+
+def mix(kernel, config, dtype="bf16", d=32, prec="tf32", stats_per_key=True) -> dict:
+    """Per-score figures of the largest loop of `kernel` compiled with `config` (see the docstring)."""
+    compiled = compile_sm90(kernel, config, dtype, d, prec, stats_per_key)
+    text = sass(compiled)
+    body = max(loops(text), key=lambda c: sum(c.values()))
+    per_thread = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] / (32 * config.num_warps)
+    instr = sum(body.values()) / per_thread
+    mufu = sum(v for k, v in body.items() if k.startswith("MUFU")) / per_thread
+    return {"instr_per_score": instr, "mufu_per_score": mufu,
+            "issue_mclk": 1e3 * instr / ISSUE_PER_CLK, "mufu_mclk": 1e3 * mufu / MUFU_PER_CLK,
+            "bound_mclk": 1e3 * max(instr / ISSUE_PER_CLK, mufu / MUFU_PER_CLK),
+            "shared_bytes": compiled.metadata.shared, "spills": bool(re.search(r"\b(STL|LDL)\b", text)),
+            "moves_in_loop": sum(v for k, v in body.items() if k.split(".")[0] in ("STS", "SHFL"))}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kernel", default="_fwd_known_lse_kernel",
+                    choices=["_fwd_known_lse_kernel", "_col_lse_kernel", "_fwd_row_kernel", "_bwd_kv_kernel",
+                             "_bwd_q_kernel"])
+    ap.add_argument("--dtype", default="bf16", choices=list(TRITON_DTYPES))
+    ap.add_argument("--d", type=int, default=32, choices=list(K.HEAD_DIMS))
+    ap.add_argument("--prec", default="tf32", choices=["tf32", "tf32x3", "ieee"],
+                    help="dot precision of fp32 inputs (ignored for fp16/bf16)")
+    ap.add_argument("--row-mode", action="store_true", help="backward kernels: row softmax (default column)")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        ap.error("unset TRITON_INTERPRET: this compiles for sm_90")
+    kernel = getattr(K, args.kernel)
+    print(f"{args.kernel} {args.dtype} d={args.d} prec={args.prec}: milli-clocks per score per SM")
+    print(f"{'config':<44} {'instr':>6} {'ex2':>5} {'issue':>6} {'MUFU':>6} {'bound':>6} {'smem':>7} spill moves")
+    for config in kernel.configs:   # the whole list, or its first with RNAN_FAST_AUTOTUNE=0
+        name = " ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f" w{config.num_warps} s{config.num_stages}"
+        try:
+            r = mix(kernel, config, args.dtype, args.d, args.prec, not args.row_mode)
+        except Exception as e:   # e.g. out of shared memory: report and go on with the others
+            print(f"{name:<44} failed: {type(e).__name__}: {str(e).splitlines()[-1][:80]}")
+            continue
+        print(f"{name:<44} {r['instr_per_score']:6.2f} {r['mufu_per_score']:5.2f} {r['issue_mclk']:6.1f} "
+              f"{r['mufu_mclk']:6.1f} {r['bound_mclk']:6.1f} {r['shared_bytes']:7d} {r['spills']!s:>5} "
+              f"{r['moves_in_loop']:5d}")
+
+
+if __name__ == "__main__":
+    main()
