@@ -11,6 +11,9 @@ kernel's floor when the tensor cores and memory keep up; MUFU alone on 132 SMs a
 the measured 4.1e12 exp/s. Also: shared memory, register spills (STL/LDL in the SASS), and
 STS/SHFL inside the loop (data moved between threads, e.g. by a layout conversion).
 A prediction, not a measurement: it ignores latencies, the tensor cores' time and the memory.
+Where ptxas unrolls a loop the figures count several iterations as one: every kernel computes
+one exp per score (pass 1 slightly more for its rescale; fewer with POLY_PART), so an ex2/score
+of 2.00 means two iterations per loop body, and every figure of that row is to be halved.
 Needs Triton's bundled ptxas and nvdisasm, no GPU.
 """
 from __future__ import annotations
@@ -68,7 +71,8 @@ def sass(compiled) -> str:
 
 
 def loops(text: str):
-    """[(Counter of opcodes)] of each loop body: the code from a label to a branch back to it."""
+    """[(Counter of opcodes)] of each innermost loop body: the code from a label to a branch back
+    to it, containing no other such body."""
     instrs, label_at, pending = [], {}, []
     for line in text.splitlines():
         m = re.match(r"\s*\.(L_x_\d+):", line)
@@ -81,17 +85,18 @@ def loops(text: str):
             label_at.update({p: addr for p in pending})
             pending = []
             instrs.append((addr, m.group(2), m.group(3)))
-    bodies = []
+    spans = []
     for addr, op, rest in instrs:
         target = re.search(r"`\(\.(L_x_\d+)\)", rest) if op.startswith("BRA") else None
         if target and label_at.get(target.group(1), addr + 1) <= addr:
-            lo = label_at[target.group(1)]
-            bodies.append(collections.Counter(o for a, o, _ in instrs if lo <= a <= addr))
-    return bodies
+            spans.append((label_at[target.group(1)], addr))
+    inner = [(lo, hi) for lo, hi in spans if not any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in spans)]
+    return [collections.Counter(o for a, o, _ in instrs if lo <= a <= hi) for lo, hi in inner]
 
 
 def mix(kernel, config, dtype="bf16", d=32, prec="tf32", stats_per_key=True) -> dict:
-    """Per-score figures of the largest loop of `kernel` compiled with `config` (see the docstring)."""
+    """Per-score figures of the largest innermost loop of `kernel` compiled with `config` (see the
+    docstring; of the column backward's two loops over the queries, that is the dK loop)."""
     compiled = compile_sm90(kernel, config, dtype, d, prec, stats_per_key)
     text = sass(compiled)
     body = max(loops(text), key=lambda c: sum(c.values()))
