@@ -143,9 +143,8 @@ def _pass2_candidates():
         return []
     from rnan_fast.kernels import nonlocal_attention as kernel
 
-    tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-    poly_tiles = {tile(c) for c in kernel.KNOWN_LSE_CONFIGS if c.kwargs["POLY_PART"]}
-    return [c for c in kernel.KNOWN_LSE_CONFIGS if tile(c) in poly_tiles]
+    poly_tiles = {kernel.config_tile(c) for c in kernel.KNOWN_LSE_CONFIGS if c.kwargs["POLY_PART"]}
+    return [c for c in kernel.KNOWN_LSE_CONFIGS if kernel.config_tile(c) in poly_tiles]
 
 
 @needs_cuda

@@ -125,6 +125,11 @@ _QMAJOR = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 4),
 _KNOWN_LSE = [c + (0,) for c in _QMAJOR] + [(128, 128, 8, 2, 8), (256, 64, 8, 3, 0), (256, 64, 8, 3, 8),
                                             (64, 128, 4, 3, 8), (128, 128, 8, 2, 4)]
 KNOWN_LSE_CONFIGS = _configs(_KNOWN_LSE)   # all candidates of pass 2, for tests that force each one
+
+
+def config_tile(config: triton.Config) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): what a POLY_PART config shares with its twin."""
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 # Key-major: the roles swap (own BLOCK_N keys, stream BLOCK_M queries).
 _KMAJOR = [(64, 128, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2), (32, 128, 4, 4),
            (64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 4, 3), (32, 64, 4, 4)]

@@ -423,8 +423,8 @@ def test_exp2_fma_accuracy():
 
 def _twin(config):
     """The POLY_PART = 0 config with the same tile as `config` (None if the list has none)."""
-    tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-    return next((c for c in _kernel.KNOWN_LSE_CONFIGS if tile(c) == tile(config) and not c.kwargs["POLY_PART"]), None)
+    return next((c for c in _kernel.KNOWN_LSE_CONFIGS
+                 if _kernel.config_tile(c) == _kernel.config_tile(config) and not c.kwargs["POLY_PART"]), None)
 
 
 @needs_triton
