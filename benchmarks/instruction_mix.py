@@ -33,7 +33,7 @@ from rnan_fast.kernels import nonlocal_attention as K
 
 ISSUE_PER_CLK, MUFU_PER_CLK = 128, 16
 STATS = {"M", "R", "DELTA"}                 # fp32 statistics pointers; other pointers take the dtype
-TRITON_DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+DTYPES = ("fp32", "fp16", "bf16")      # Triton's names, as pointer types take them
 _INSTR = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+(?:\.[A-Z0-9_.]+)?)(.*)")
 
 
@@ -49,8 +49,8 @@ def compile_sm90(kernel, config: triton.Config, dtype: str, d: int, prec: str, s
             sig[name] = "constexpr"
         elif name.startswith("s") and name.endswith("d"):       # sqd, skd, ...: unit feature stride
             sig[name], consts[name] = "constexpr", 1
-        elif name not in ("N", "N_BUCKET") and (name.isupper() or name == "DV_"):
-            sig[name] = "*fp32" if name in STATS else "*" + TRITON_DTYPES[dtype]
+        elif name.isupper() and name not in ("N", "N_BUCKET"):     # Q, K, ..., DV_: pointers
+            sig[name] = "*fp32" if name in STATS else "*" + dtype
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "i32"
@@ -115,7 +115,7 @@ def main(argv=None):
     ap.add_argument("--kernel", default="_fwd_known_lse_kernel",
                     choices=["_fwd_known_lse_kernel", "_col_lse_kernel", "_fwd_row_kernel", "_bwd_kv_kernel",
                              "_bwd_q_kernel"])
-    ap.add_argument("--dtype", default="bf16", choices=list(TRITON_DTYPES))
+    ap.add_argument("--dtype", default="bf16", choices=DTYPES)
     ap.add_argument("--d", type=int, default=32, choices=list(K.HEAD_DIMS))
     ap.add_argument("--prec", default="tf32", choices=["tf32", "tf32x3", "ieee"],
                     help="dot precision of fp32 inputs (ignored for fp16/bf16)")
