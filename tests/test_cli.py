@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from rnan_fast import RNAN, cli
+from rnan_fast.cli import eval as cli_eval
 from rnan_fast import data as D
 from rnan_fast.data import _umask
 
@@ -386,7 +387,7 @@ def test_eval_csv_bad_path_fails_before_work(crops, tmp_path, capsys, monkeypatc
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(cli.os, "replace", refuse)
+    monkeypatch.setattr(cli_eval.os, "replace", refuse)
     code, out, err = _run(base + ["--csv", tmp_path / "late.csv"], capsys)
     assert code == 2 and "cannot write --csv" in err and "Permission denied" in err and "Traceback" not in err
     assert not any(p.name.startswith(".late.csv") for p in tmp_path.iterdir())
@@ -417,10 +418,8 @@ def test_eval_sr_images_smaller_than_scale_or_border(ckpts, crops, tmp_path, cap
 
 def test_fast_backend_unavailable_is_a_usage_error(ckpts, crops, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the fast non-local kernel cannot run on CPU tensors
-    import rnan_fast.data
-
-    reads = []
-    monkeypatch.setattr(cli.D, "read_image", lambda p: reads.append(p) or rnan_fast.data.read_image(p))
+    reads, read = [], D.read_image
+    monkeypatch.setattr(D, "read_image", lambda p: reads.append(p) or read(p))
     code, out, err = _run(["restore", "--weights", ckpts["rgb"], "--backend", "fast", "--device", "cpu",
                            "-o", tmp_path / "o", "--quiet", crops["rgb"]], capsys)
     assert code == 2 and "--backend fast" in err and "Traceback" not in err, err
@@ -442,13 +441,13 @@ def test_main_leaves_the_global_backend_alone(ckpts, crops, tmp_path, capsys, mo
     assert code == 0, err
     assert rnan_fast.get_backend() == "reference"
     seen = []
-    orig = cli.cmd_eval
+    orig = cli_eval.cmd_eval
 
     def spy(args):
         seen.append(rnan_fast.get_backend())
         return orig(args)
 
-    monkeypatch.setattr(cli, "cmd_eval", spy)
+    monkeypatch.setattr(cli_eval, "cmd_eval", spy)
     code, _, err = _run(["eval", "--baseline", "--backend", "auto", "--task", "demosaic", "--data",
                          crops["eval"], "--limit", 0], capsys)
     assert code == 2 and "--limit" in err

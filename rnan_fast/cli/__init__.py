@@ -1,0 +1,84 @@
+"""The ``rnan-fast`` command line (also ``python -m rnan_fast``).
+
+    rnan-fast restore --weights W.pt [-o OUTDIR] [--device cpu|cuda] [--precision fp32|bf16|fp16]
+                      [--tile N [--tile-overlap P] | --chop] [--self-ensemble] [--overwrite]
+                      [--backend auto|reference|fast] [--trust-checkpoint] INPUT...
+    rnan-fast eval    (--weights W.pt | --baseline) --task denoise_gray|denoise_rgb|car|demosaic|sr
+                      [--sigma S | --quality Q | --scale s] --data DIR [--limit N] [--csv FILE]
+                      [--self-ensemble] [--chop | --tile N] [--seed K] [--quantize-noisy] ...
+    rnan-fast bench   [--device cpu|cuda] [--quick] [--repeat N]
+
+restore: INPUT are image files or folders (their images, not recursive). The architecture comes
+from the checkpoint. A gray model (n_colors=1) gets RGB inputs converted with Pillow's
+convert('L') (ITU-R 601-2 luma, as gray Kodak24 is made); an RGB model gets gray inputs with the
+channel replicated. Output: OUTDIR/<input stem>.png, at the model's scale, rounded and clamped to
+uint8, written atomically (temporary file in OUTDIR, then os.replace). Before any work, every
+output name is checked: an existing file stops the run (nothing written) unless --overwrite, and
+two inputs with the same stem are refused. An unreadable input is reported by name and skipped;
+the others are still written, and the exit status is 1.
+
+eval: the degradation protocols of rnan_fast.data and the metrics of rnan_fast.metrics; see the
+`eval` help. Images the protocol cannot use (unreadable, smaller than the SR scale or its border)
+are reported and skipped. Exit status: 0 success, 1 some images (or bench timings) failed, 2 usage
+or input errors (an unwritable --csv included), 130 interrupt.
+
+--backend applies to the command only (rnan_fast.use_backend around it); --backend fast is tried
+on tiny tensors first and refused up front where its kernels cannot run. --trust-checkpoint loads
+checkpoints that pickle Python objects (torch.load with weights_only=False): trusted files only.
+
+Layout: one module per subcommand (restore, eval, bench), each with add_parser(subparsers) and
+its cmd_* function; rnan_fast.cli.common holds what they share (UserError, exit codes, the
+device, the model load, the progress bar).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rnan_fast.cli import bench, eval, restore
+from rnan_fast.cli.common import EXIT_INTERRUPT, EXIT_USAGE, PROG, UserError, _err
+
+SUBCOMMANDS = (restore, eval, bench)  # modules with add_parser(subparsers), in help order
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="RNAN image restoration: restore images, "
+                                     "evaluate on benchmarks, time the kernels.")
+    from rnan_fast import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    names = ",".join(m.__name__.rsplit(".", 1)[1] for m in SUBCOMMANDS)
+    sub = parser.add_subparsers(dest="command", metavar="{" + names + "}")
+    for module in SUBCOMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (also for usage errors)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help, --version, usage errors
+        return int(e.code) if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        backend = getattr(args, "backend", None)
+        if backend is None:
+            return args.func(args)
+        import rnan_fast
+
+        with rnan_fast.use_backend(backend):  # scoped: in-process callers keep their setting
+            return args.func(args)
+    except UserError as e:
+        _err(str(e))
+        return e.code
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return EXIT_INTERRUPT
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

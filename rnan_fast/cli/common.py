@@ -1,0 +1,156 @@
+"""What the subcommands share: exit codes, user errors, the device, the model load, the
+runtime options of restore/eval, the progress bar and message lines."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+PROG = "rnan-fast"
+TASKS = ("denoise_gray", "denoise_rgb", "car", "demosaic", "sr")
+TASK_COLORS = {"denoise_gray": 1, "car": 1, "denoise_rgb": 3, "demosaic": 3, "sr": 3}
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPT = 0, 1, 2, 130
+
+
+class UserError(Exception):
+    """A problem with the command's inputs: reported as one line, no traceback."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
+
+
+def _err(msg: str) -> None:
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+
+
+def _warn(msg: str) -> None:
+    print(f"{PROG}: warning: {msg}", file=sys.stderr)
+
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inference")
+    g.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    g.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="model weights and activations dtype (default fp32)")
+    g.add_argument("--backend", default=None, choices=("auto", "reference", "fast"),
+                   help="kernel backend (default: RNAN_FAST_BACKEND or auto)")
+    g.add_argument("--tile", type=int, default=None, metavar="N",
+                   help="tiled inference with N x N input tiles (default: whole image)")
+    g.add_argument("--tile-overlap", type=int, default=32, metavar="P",
+                   help="minimum overlap of neighbouring tiles in input pixels (default 32)")
+    g.add_argument("--chop", action="store_true",
+                   help="the official forward_chop (recursive quadrants), for comparisons with published numbers")
+    g.add_argument("--self-ensemble", action="store_true",
+                   help="average over the 8 flips/transposes (RNAN+), 8x the time")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint that pickles Python objects besides the weights (e.g. a "
+                        "training script's argument namespace); this runs code from the file, so "
+                        "only for files you trust (default: weights-only load)")
+
+
+def _check_runtime_args(args) -> None:
+    if args.tile is not None:
+        if args.chop:
+            raise UserError("--tile and --chop exclude each other")
+        if args.tile < 1:
+            raise UserError(f"--tile must be a positive number of pixels, got {args.tile}")
+        if not 0 <= args.tile_overlap < args.tile:
+            raise UserError(f"--tile-overlap must be >= 0 and smaller than --tile ({args.tile}), "
+                            f"got {args.tile_overlap}")
+
+
+def _device(name: str):
+    import torch
+
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
+                            f"built with CUDA {torch.version.cuda}); use --device cpu")
+        try:
+            dev = torch.device(name)
+        except RuntimeError as e:
+            raise UserError(f"--device {name}: {e}") from None
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return dev
+    raise UserError(f"--device must be cpu or cuda (or cuda:N), got {name!r}")
+
+
+def _load_model(weights: str, device, precision: str, trust: bool = False):
+    """RNAN.from_checkpoint with user-level errors; the model is in eval mode on device/dtype.
+    trust: --trust-checkpoint (torch.load with weights_only=False)."""
+    from rnan_fast.inference import DTYPES
+
+    path = Path(weights)
+    if not path.exists():
+        raise UserError(f"weights file not found: {weights}")
+    if path.is_dir():
+        raise UserError(f"weights path is a directory, not a checkpoint file: {weights}")
+    from rnan_fast import CheckpointError
+    from rnan_fast.model import RNAN
+
+    try:
+        net = RNAN.from_checkpoint(str(path), map_location="cpu", weights_only=not trust)
+    except (ValueError, OSError, RuntimeError, EOFError, KeyError, TypeError) as e:
+        msg = str(e).strip() or type(e).__name__
+        if str(path) not in msg:
+            msg = f"{weights}: {msg}"
+        if isinstance(e, CheckpointError) and not trust and ("weights_only" in msg or "weights-only" in msg):
+            msg = msg.replace("pass weights_only=False", "pass --trust-checkpoint")
+            if "--trust-checkpoint" not in msg:
+                msg += "; if you trust the file, pass --trust-checkpoint"
+        raise UserError(f"cannot load the checkpoint: {msg}") from None
+    return net.to(device=device, dtype=DTYPES[precision]).eval()
+
+
+def _check_backend(name, device, precision: str) -> None:
+    """--backend fast: run both ops on tiny tensors of the device and dtype, so a device the
+    fast kernels cannot serve is a usage error up front, not a failure on every image."""
+    if name != "fast":
+        return
+    import torch
+
+    from rnan_fast import ops
+    from rnan_fast.inference import DTYPES
+
+    dtype = DTYPES[precision]
+    gen = torch.Generator().manual_seed(0)
+    try:
+        with torch.inference_mode():
+            t = torch.rand(1, 16, 16, generator=gen).to(device, dtype)
+            ops.nonlocal_attention(t, t, t, backend="fast")
+            x = torch.rand(1, 2, 2, 2, generator=gen).to(device, dtype)
+            ops.gated_residual(x, x, x, backend="fast")
+    except (RuntimeError, ValueError, TypeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"--backend fast is not available for --device {device} with --precision {precision}: "
+                        f"{first}; use --backend auto (the fast kernels where they run, the reference "
+                        f"elsewhere) or --backend reference") from None
+
+
+def _restore_kwargs(args) -> dict:
+    return dict(tile=args.tile, overlap=args.tile_overlap, chop=args.chop, self_ensemble=args.self_ensemble)
+
+
+def _progress(iterable, total: int, desc: str, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="img", disable=quiet, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def _report(msg: str, quiet: bool, file=None) -> None:
+    """One message line (to stderr unless `file`) that does not break a running progress bar."""
+    file = file or sys.stderr
+    if quiet:
+        print(msg, file=file)
+    else:
+        from tqdm import tqdm
+
+        tqdm.write(msg, file=file)
+

@@ -1,0 +1,260 @@
+"""``rnan-fast eval``: degrade a test set, restore it, print PSNR/SSIM."""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rnan_fast import data as D
+from rnan_fast.cli.common import (EXIT_FAILURES, EXIT_OK, PROG, TASK_COLORS, TASKS, UserError, _add_runtime_args,
+                                  _check_backend, _check_runtime_args, _device, _err, _load_model, _progress,
+                                  _report, _restore_kwargs)
+
+EVAL_EPILOG = """\
+protocols (the shared data README; baseline rows reproduce with --baseline):
+  denoise_gray  gray ground truth (RGB files: Pillow convert('L')); input = gt + sigma * N(0,1)
+                in float64, numpy default_rng(seed + image index), not rounded or clipped
+                (--quantize-noisy: rounded and clipped to uint8); PSNR/SSIM on gray, no border
+  denoise_rgb   the same noise on RGB; PSNR with the MSE averaged over R, G, B; SSIM: the mean
+                of the three per-channel SSIMs; no border
+  car           Y of MATLAB rgb2ycbcr (rounded; gray files as they are), Pillow JPEG at
+                --quality; PSNR/SSIM on Y, no border
+  demosaic      GRBG Bayer mosaic, missing samples zero, 3-channel input; RGB metrics as denoise_rgb
+  sr            ground truth cropped to a multiple of --scale; input = MATLAB imresize(gt, 1/scale,
+                'bicubic') on uint8; PSNR/SSIM on unrounded Y, --scale border pixels removed
+                (a gray ground truth is scored on its gray values); --baseline = bicubic upscale
+SSIM: Wang et al. (11x11 Gaussian, sigma 1.5, K1 0.01, K2 0.03, L 255), mean of the map.
+Restored images are rounded and clamped to uint8 before scoring.
+"""
+
+
+def _eval_images(data: str) -> list[Path]:
+    folder = Path(data)
+    if not folder.is_dir():
+        raise UserError(f"--data {data}: no such folder")
+    files = D.list_images(folder)
+    if not files and (folder / "HR").is_dir():  # Set5-style layout: DIR/HR holds the ground truth
+        files = D.list_images(folder / "HR")
+    if not files:
+        raise UserError(f"--data {data}: no images found")
+    return files
+
+
+def _task_params(args, net, model_pending: bool = False) -> dict:
+    """Check the task options against each other and against the model; return the degradation.
+    model_pending: a model will be loaded later (its scale may supply --scale)."""
+    from rnan_fast.inference import model_colors, model_scale
+
+    task = args.task
+    p = {"task": task, "scale": 1}
+    given = {"--sigma": args.sigma, "--quality": args.quality, "--scale": args.scale}
+    needed = {"denoise_gray": "--sigma", "denoise_rgb": "--sigma", "car": "--quality", "sr": "--scale",
+              "demosaic": None}[task]
+    for opt, val in given.items():
+        if val is not None and opt != needed:
+            raise UserError(f"{opt} does not apply to --task {task}")
+    if task in ("denoise_gray", "denoise_rgb"):
+        if args.sigma is None:
+            raise UserError(f"--task {task} needs --sigma (noise level on the 0..255 scale)")
+        if args.sigma < 0:
+            raise UserError(f"--sigma must be >= 0, got {args.sigma}")
+        p["sigma"] = args.sigma
+    elif task == "car":
+        if args.quality is None:
+            raise UserError("--task car needs --quality (JPEG quality, e.g. 10, 20, 30, 40)")
+        if not 1 <= args.quality <= 100:
+            raise UserError(f"--quality must be within 1..100, got {args.quality}")
+        p["quality"] = args.quality
+    elif task == "sr":
+        scale = args.scale if args.scale is not None else (model_scale(net) if net is not None else None)
+        if scale is None:
+            if model_pending:
+                return p
+            raise UserError("--task sr needs --scale")
+        if args.scale is None and scale < 2:
+            raise UserError(f"--task sr needs a super-resolution model; the checkpoint {args.weights} is a "
+                            f"scale-{scale} model ({net.describe()})")
+        if scale < 2:
+            raise UserError(f"--scale must be >= 2, got {scale}")
+        p["scale"] = scale
+    if net is not None:
+        colors, mscale = model_colors(net), model_scale(net)
+        if colors is not None and colors != TASK_COLORS[task]:
+            raise UserError(f"--task {task} needs a {TASK_COLORS[task]}-channel model; the checkpoint "
+                            f"holds {net.describe()}")
+        if mscale != p["scale"]:
+            raise UserError(f"--task {task} at scale {p['scale']} does not fit the checkpoint's scale "
+                            f"{mscale} ({net.describe()})")
+    return p
+
+
+def _degrade(img: np.ndarray, index: int, p: dict, args):
+    """(ground truth, model input) for one image; see the eval help for the protocol.
+    ValueError for an image the protocol cannot use (sr: smaller than the scale)."""
+    task = p["task"]
+    if task == "denoise_gray":
+        gt = D.to_gray(img)
+        lq = D.add_gaussian_noise(gt, p["sigma"], D.noise_seed(args.seed, index), args.quantize_noisy)
+    elif task == "denoise_rgb":
+        gt = D.to_rgb(img)
+        lq = D.add_gaussian_noise(gt, p["sigma"], D.noise_seed(args.seed, index), args.quantize_noisy)
+    elif task == "car":
+        gt = D.rgb_to_y(img, rounded=True)
+        lq = D.jpeg(gt, p["quality"])
+    elif task == "demosaic":
+        gt = D.to_rgb(img)
+        lq = D.mosaic(gt)
+    else:  # bicubic_downscale refuses an image that modcrop would leave empty
+        lq = D.bicubic_downscale(D.to_rgb(img), p["scale"], padding=args.resize_padding)
+        gt = D.modcrop(img, p["scale"])
+    return gt, lq
+
+
+def _describe_task(p: dict, args) -> str:
+    task = p["task"]
+    if task.startswith("denoise"):
+        q = ", noisy image rounded and clipped to uint8" if args.quantize_noisy else ""
+        return f"{task} sigma {p['sigma']:g} (seed {args.seed} + image index{q})"
+    if task == "car":
+        return f"car JPEG quality {p['quality']} (Y channel)"
+    if task == "sr":
+        return f"sr x{p['scale']} (bicubic, {args.resize_padding} padding; Y channel, border {p['scale']})"
+    return "demosaic (GRBG Bayer)"
+
+
+def cmd_eval(args) -> int:
+    from rnan_fast.inference import DTYPES, restore_image
+    from rnan_fast.metrics import evaluate
+
+    _check_runtime_args(args)
+    if args.baseline == (args.weights is not None):
+        raise UserError("give --weights W.pt (restore and score) or --baseline (score the degraded input)")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    if args.csv:
+        _prepare_csv(Path(args.csv))
+    files = _eval_images(args.data)
+    if args.limit is not None:
+        files = files[: args.limit]
+    net = None
+    device = None
+    if not args.baseline:
+        device = _device(args.device)
+        _task_params(args, None, model_pending=True)  # option errors before the (slow) model load
+        _check_backend(args.backend, device, args.precision)
+        net = _load_model(args.weights, device, args.precision, args.trust_checkpoint)
+    p = _task_params(args, net)
+    kwargs = _restore_kwargs(args)
+    who = "baseline (degraded input)" if net is None else net.describe()
+    print(f"# {_describe_task(p, args)}; data {args.data} ({len(files)} images); {who}")
+    width = max(12, max(len(f.name) for f in files))
+    print(f"{'image':<{width}}  {'PSNR':>8}  {'SSIM':>6}")
+    rows, failures = [], []
+    t0 = time.perf_counter()
+    for index, path in enumerate(_progress(files, len(files), "eval", args.quiet)):
+        try:
+            img = D.read_image(path)
+            gt, lq = _degrade(img, index, p, args)
+        except (D.ImageReadError, ValueError) as e:
+            _report(f"{PROG}: skipped {path}: {e}", args.quiet)
+            failures.append(path)
+            continue
+        if net is None:
+            out = D.bicubic_upscale(lq, p["scale"]) if p["task"] == "sr" else lq
+        else:
+            try:
+                out = restore_image(net, lq, device=device, dtype=DTYPES[args.precision], **kwargs)
+            except (RuntimeError, ValueError, ArithmeticError) as e:
+                _report(f"{PROG}: failed on {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                        args.quiet)
+                failures.append(path)
+                continue
+        try:  # (a 1-channel SR ground truth is scored on its gray values: metrics.evaluate)
+            pv, sv = evaluate(gt, out, p["task"], p["scale"], with_ssim=not args.no_ssim)
+        except ValueError as e:  # e.g. an image too small for the SSIM window
+            _report(f"{PROG}: cannot score {path}: {e}", args.quiet)
+            failures.append(path)
+            continue
+        rows.append({"image": path.name, "psnr": pv, "ssim": sv})
+        s_txt = "" if sv is None else f"{sv:.4f}"
+        _report(f"{path.name:<{width}}  {pv:8.4f}  {s_txt:>6}", args.quiet, file=sys.stdout)
+    if rows:
+        mean_p = statistics.fmean(r["psnr"] for r in rows)
+        mean_s = None if args.no_ssim else statistics.fmean(r["ssim"] for r in rows)
+        s_txt = "" if mean_s is None else f"{mean_s:.4f}"
+        print(f"{'mean':<{width}}  {mean_p:8.4f}  {s_txt:>6}")
+        print(f"# {len(rows)} images in {time.perf_counter() - t0:.1f} s")
+    if args.csv:
+        _write_csv(Path(args.csv), rows, mean_p if rows else math.nan, mean_s if rows else None)
+    if failures:
+        _err(f"{len(failures)} image(s) failed: " + ", ".join(str(f) for f in failures))
+        return EXIT_FAILURES
+    return EXIT_OK
+
+
+def _prepare_csv(path: Path) -> None:
+    """Check the --csv target before any work: not a folder, its folder made (or a UserError)."""
+    if path.is_dir():
+        raise UserError(f"--csv {path} is a folder; give a file name")
+    for parent in (path.parent, *path.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--csv {path}: {parent} exists and is not a folder")
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--csv {path}: cannot create the folder {path.parent}: {e.strerror or e}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"--csv {path}: the folder {path.parent} is not writable")
+
+
+def _write_csv(path: Path, rows: list[dict], mean_p: float, mean_s) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fmt = lambda v: "" if v is None else f"{v:.6f}"  # noqa: E731
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image", "psnr", "ssim"])
+            for r in rows:
+                w.writerow([r["image"], fmt(r["psnr"]), fmt(r["ssim"])])
+            w.writerow(["mean", fmt(mean_p), fmt(mean_s)])
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise UserError(f"cannot write --csv {path}: {e.strerror or e}") from None
+
+
+def add_parser(sub) -> None:
+    e = sub.add_parser("eval", help="degrade a test set, restore it, print PSNR/SSIM",
+                       description="Benchmark evaluation under the paper's protocols.",
+                       epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("--weights", metavar="W.pt", help="RNAN checkpoint")
+    e.add_argument("--baseline", action="store_true",
+                   help="no model: score the degraded input (bicubic upscale for sr)")
+    e.add_argument("--task", required=True, choices=TASKS)
+    e.add_argument("--sigma", type=float, help="noise level (denoise_*), 0..255 scale")
+    e.add_argument("--quality", type=int, help="JPEG quality (car)")
+    e.add_argument("--scale", type=int, help="SR factor (sr; default: the checkpoint's)")
+    e.add_argument("--data", required=True, metavar="DIR", help="folder of ground-truth images (or DIR/HR)")
+    e.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted by name)")
+    e.add_argument("--csv", metavar="FILE", help="also write per-image and mean PSNR/SSIM to FILE")
+    e.add_argument("--seed", type=int, default=0, help="noise seed base: image i uses seed + i (default 0)")
+    e.add_argument("--quantize-noisy", action="store_true",
+                   help="round and clip the noisy input to uint8 (as stored noisy PNGs are)")
+    e.add_argument("--resize-padding", default="symmetric", choices=("symmetric", "replicate"),
+                   help="imresize border handling for sr: symmetric (MATLAB, default) or replicate "
+                        "(reproduces the RNAN repository's LRBI files)")
+    e.add_argument("--no-ssim", action="store_true", help="PSNR only (faster)")
+    _add_runtime_args(e)
+    e.set_defaults(func=cmd_eval)
