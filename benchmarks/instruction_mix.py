@@ -126,7 +126,7 @@ def main(argv=None):
     kernel = getattr(K, args.kernel)
     print(f"{args.kernel} {args.dtype} d={args.d} prec={args.prec}: milli-clocks per score per SM")
     print(f"{'config':<44} {'instr':>6} {'ex2':>5} {'issue':>6} {'MUFU':>6} {'bound':>6} {'smem':>7} spill moves")
-    for config in kernel.configs:   # the whole list, or its first with RNAN_FAST_AUTOTUNE=0
+    for config in kernel.configs:   # the whole tuning list
         name = " ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f" w{config.num_warps} s{config.num_stages}"
         try:
             r = mix(kernel, config, args.dtype, args.d, args.prec, not args.row_mode)

@@ -68,22 +68,27 @@ d = 64; with int32 tile offsets each kernel has spill-free configs for bf16 at d
 checked by compiling for sm_90 without a GPU). They are fine while BLOCK * |row stride| +
 D * |feature stride| < 2^31, i.e. for any layout of fewer than ~2^24 rows.
 
-Dot precision: fp16/bf16 use tensor cores. fp32 follows torch.get_float32_matmul_precision():
-"highest" -> FP32_HIGHEST_INPUT_PRECISION ("tf32x3": three tf32 products, ~fp32 accuracy at a
-fraction of the cost of "ieee" FMA dots; switch the constant to "ieee" if a GPU run shows
-tf32x3 outside the tests' tolerance), "high"/"medium" -> "tf32".
+Dot precision: fp16/bf16 use tensor cores. fp32 follows torch.get_float32_matmul_precision()
+(or torch.backends.cuda.matmul.fp32_precision where that API was used: `fp32_matmul_highest`):
+"highest" (new API: "ieee") -> FP32_HIGHEST_INPUT_PRECISION ("tf32x3": three tf32 products,
+~fp32 accuracy at a fraction of the cost of "ieee" FMA dots; switch the constant to "ieee" if a
+GPU run shows tf32x3 outside the tests' tolerance), "high"/"medium" (new API: "tf32") -> "tf32".
 
 Tuning: on a GPU every kernel is autotuned over 8-13 block/warp/stage configs, keyed on
-(N bucket = next power of two, D, DV, dot precision, softmax mode, dtypes); RNAN_FAST_AUTOTUNE=0 at import skips tuning
-(first config of each list; the GPU tests use it to keep compile time down). Tuning benchmarks (and syncs), so
-run each new shape once eagerly before capturing a CUDA graph. Under TRITON_INTERPRET=1 (CPU
-tests) one small asymmetric config (BLOCK_M=32, BLOCK_N=16) is used and nothing is tuned (pass 2
-has one per POLY_PART; the tests force each with `forced_config`).
-Launches go to the current stream; no host synchronisation, no .item().
+(N bucket = next power of two, D, DV, dot precision, softmax mode, dtypes);
+RNAN_FAST_AUTOTUNE_MAX=k bounds the candidates to k (the default first). RNAN_FAST_AUTOTUNE=0 at
+import skips tuning: each launch takes `default_config` for its operands, spill-free on sm_90
+(the GPU tests use it to keep compile time down). Tuning benchmarks (and syncs), so run each new
+shape once eagerly before capturing a CUDA graph. Under TRITON_INTERPRET=1 (CPU tests) one small
+asymmetric config (BLOCK_M=32, BLOCK_N=16) is used and nothing is tuned (pass 2 has one per
+POLY_PART; the tests force each with `forced_config`).
+Launches go to the inputs' device (a device guard) and its current stream; no host
+synchronisation, no .item().
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 
@@ -112,8 +117,8 @@ def _configs(entries):
                           num_warps=e[2], num_stages=e[3]) for e in entries]
 
 
-# The first config of each list is the default when tuning is off (RNAN_FAST_AUTOTUNE=0): chosen
-# spill-free for bf16 at d = 32 and 64 by ptxas (compiled for sm_90 without a GPU).
+# The first config of each list is the default when tuning is off (RNAN_FAST_AUTOTUNE=0) unless
+# _DEFAULT_OVERRIDES names a spill-free one for the operands (fp32 dots need smaller tiles).
 # Query-major: a big own block amortises the q load and the accumulator; the streamed block
 # is what the pipeline stages hold.
 _QMAJOR = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 4),
@@ -139,6 +144,13 @@ _BWD_SMALL = [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 32, 4, 2), (3
 _BWD_KV = [(64, 128, 8, 2), (128, 64, 8, 2)] + _BWD_SMALL     # own BLOCK_N keys
 _BWD_Q = [(128, 64, 8, 2), (64, 128, 8, 2)] + _BWD_SMALL      # own BLOCK_M queries
 
+# Untuned defaults (RNAN_FAST_AUTOTUNE=0, as in the GPU tests) that differ from the first entry
+# of the kernel's list: {(kernel, operand kind, d, stats per key): entry}. Operand kind: "fp16",
+# "bf16", or the dot precision of fp32 inputs ("tf32", "tf32x3", "ieee"); d = max(D, DV). Each
+# is the first spill-free entry in ptxas's view (compiled for sm_90 without a GPU; every default
+# is checked by tests/test_instruction_mix.py).
+_DEFAULT_OVERRIDES: dict[tuple[str, str, int, bool], tuple] = {}
+
 _KEY = ["N_BUCKET", "D", "DV", "PREC"]
 # The backward kernels serve both softmax modes, whose loops differ: tune them apart.
 _BWD_KEY = _KEY + ["STATS_PER_KEY"]
@@ -146,34 +158,88 @@ _BWD_KEY = _KEY + ["STATS_PER_KEY"]
 
 def tuning_enabled() -> bool:
     """Autotuning on (default) unless RNAN_FAST_AUTOTUNE=0, read once when this module is imported.
-    Off, every kernel gets a one-config list, its first: Triton then neither benchmarks nor
-    synchronises (a pruned longer list would still be benchmarked, and fail inside graph capture)."""
+    Off, each launch takes the default config for its operands (`default_config`) and calls the
+    JIT function directly: Triton then neither benchmarks nor synchronises, so the first call
+    may run inside a CUDA-graph capture."""
     return os.environ.get("RNAN_FAST_AUTOTUNE", "1") not in ("", "0")
 
 
-def _prune_poly(configs, named_args, **kwargs):
-    """Not worth tuning: configs with POLY_PART > 0 under fp32 "highest", where _known_lse_step
-    ignores POLY_PART."""
-    return [c for c in configs if kwargs["PREC"] == "tf32" or not c.kwargs.get("POLY_PART", 0)]
+def tuning_limit() -> int | None:
+    """RNAN_FAST_AUTOTUNE_MAX=k: tune over at most k candidates per kernel (the default for the
+    operands, then the list in order), to bound compile time (about 2-4 s per candidate and
+    shape class); unset: the whole list."""
+    value = os.environ.get("RNAN_FAST_AUTOTUNE_MAX", "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"RNAN_FAST_AUTOTUNE_MAX must be a positive integer, got {value!r}")
+    return int(value)
+
+
+_TUNE = tuning_enabled() and not _INTERPRET      # the interpreter cannot time anything
+_TUNE_MAX = tuning_limit()
+_FORCED: dict = {}                               # kernel -> the Config forced_config set
+
+
+def _prune(name, configs, named_args, **kwargs):
+    """The candidates of kernel `name` worth timing: no POLY_PART > 0 under fp32 "highest"
+    (_known_lse_step ignores POLY_PART there); with RNAN_FAST_AUTOTUNE_MAX=k, the operands'
+    default first, then the others in list order, k in all."""
+    kept = [c for c in configs if kwargs["PREC"] == "tf32" or not c.kwargs.get("POLY_PART", 0)]
+    if _TUNE_MAX is None:
+        return kept
+    default = default_config(name, named_args["Q"].dtype, kwargs["PREC"], max(kwargs["D"], kwargs["DV"]),
+                             kwargs.get("STATS_PER_KEY", True))
+    return ([default] + [c for c in kept if c.all_kwargs() != default.all_kwargs()])[:_TUNE_MAX]
+
+
+_ENTRIES: dict[str, list] = {}       # kernel name -> its candidate tuples, in preference order
 
 
 def _autotune(entries, key=_KEY):
-    configs = _configs(entries)
-    tune = tuning_enabled() and not _INTERPRET     # the interpreter cannot time anything
-    return triton.autotune(configs=configs if tune else configs[:1], key=key,
-                           prune_configs_by={"early_config_prune": _prune_poly})
+    def decorate(fn):
+        name = fn.__name__
+        _ENTRIES[name] = entries
+        return triton.autotune(configs=_configs(entries), key=key,
+                               prune_configs_by={"early_config_prune": functools.partial(_prune, name)})(fn)
+    return decorate
+
+
+def operand_kind(dtype: torch.dtype, prec: str) -> str:
+    """What sets a kernel's register needs: "fp16" / "bf16", or the dot precision of fp32 inputs."""
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, prec)
+
+
+@functools.cache
+def default_config(name: str, dtype: torch.dtype, prec: str, d: int, stats_per_key: bool = True) -> triton.Config:
+    """The untuned config of kernel `name` for operands of `dtype` with dot precision `prec` and
+    head dims up to `d`: spill-free on sm_90 (see _DEFAULT_OVERRIDES)."""
+    entry = _DEFAULT_OVERRIDES.get((name, operand_kind(dtype, prec), d, stats_per_key), _ENTRIES[name][0])
+    return _configs([entry])[0]
 
 
 @contextlib.contextmanager
 def forced_config(kernel, config: triton.Config):
     """Run the autotuned `kernel` of this module with `config` alone while inside (tests, benchmarks).
     Not thread-safe; nothing is tuned or cached meanwhile."""
-    saved = kernel.configs
-    kernel.configs = [config]
+    _FORCED[kernel] = config
     try:
         yield
     finally:
-        kernel.configs = saved
+        del _FORCED[kernel]
+
+
+def _launch(kernel, grid, *args, **meta):
+    """Launch `kernel` of this module: the forced config, else tuned (`tuning_enabled`), else
+    its default for these operands (args[0] is Q: its dtype, with PREC, gives the operand kind)."""
+    config = _FORCED.get(kernel)
+    if config is None and not _TUNE:
+        config = default_config(kernel.base_fn.__name__, args[0].dtype, meta["PREC"],
+                                max(meta["D"], meta["DV"]), meta.get("STATS_PER_KEY", True))
+    if config is None:
+        kernel[grid](*args, **meta)
+    else:
+        kernel.fn[grid](*args, **meta, **config.all_kwargs())
 
 
 @triton.jit
@@ -678,15 +744,35 @@ def lse_natural(stats: torch.Tensor) -> torch.Tensor:
     return stats[0] + math.log(2.0) * stats[1]
 
 
+def fp32_matmul_highest() -> bool:
+    """Whether torch asks for fp32-accurate fp32 matmuls: get_float32_matmul_precision() ==
+    "highest", or, once the per-backend API was used (torch.backends.cuda.matmul.fp32_precision =
+    "tf32" / "ieee", torch >= 2.9), its CUDA matmul setting: the legacy getter then raises."""
+    try:
+        return torch.get_float32_matmul_precision() == "highest"
+    except RuntimeError:
+        precision = torch.backends.cuda.matmul.fp32_precision
+        if precision == "none":                  # unset for CUDA matmuls: the global setting holds
+            precision = torch.backends.fp32_precision
+        return precision != "tf32"               # "ieee", or "none" at both levels (the default)
+
+
 def _precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "tf32"   # ignored for fp16/bf16 operands
-    return FP32_HIGHEST_INPUT_PRECISION if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return FP32_HIGHEST_INPUT_PRECISION if fp32_matmul_highest() else "tf32"
 
 
 def _bucket(n: int) -> int:
     # Tune once per power-of-two size class, not once per image size.
     return 1 << max(8, math.ceil(math.log2(max(n, 1))))
+
+
+def _device_guard(t: torch.Tensor):
+    """t's GPU made current while launching: Triton launches on the current device (and its
+    current stream), so tensors on cuda:1 while cuda:0 is current need it. For CPU tensors (the
+    interpreter) torch.cuda.device(-1), a documented no-op that initialises nothing."""
+    return torch.cuda.device(t.device if t.is_cuda else -1)
 
 
 def _grid_m(B, N):
@@ -708,14 +794,15 @@ def forward(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, softmax_ove
         return out, stats
     prec = _precision(theta.dtype)
     strides = (*theta.stride(), *phi.stride(), *g.stride(), *out.stride())
-    if softmax_over == "key":
-        _fwd_row_kernel[_grid_m(B, N)](theta, phi, g, out, stats[0], stats[1], *strides, N, _bucket(N),
-                                       D=D, DV=DV, PREC=prec)
-    else:
-        _col_lse_kernel[_grid_n(B, N)](theta, phi, stats[0], stats[1], *theta.stride(), *phi.stride(),
-                                       N, _bucket(N), D=D, DV=DV, PREC=prec)
-        _fwd_known_lse_kernel[_grid_m(B, N)](theta, phi, g, out, stats[0], stats[1], *strides, N, _bucket(N),
-                                             D=D, DV=DV, PREC=prec)
+    with _device_guard(theta):
+        if softmax_over == "key":
+            _launch(_fwd_row_kernel, _grid_m(B, N), theta, phi, g, out, stats[0], stats[1], *strides, N,
+                    _bucket(N), D=D, DV=DV, PREC=prec)
+        else:
+            _launch(_col_lse_kernel, _grid_n(B, N), theta, phi, stats[0], stats[1], *theta.stride(),
+                    *phi.stride(), N, _bucket(N), D=D, DV=DV, PREC=prec)
+            _launch(_fwd_known_lse_kernel, _grid_m(B, N), theta, phi, g, out, stats[0], stats[1], *strides, N,
+                    _bucket(N), D=D, DV=DV, PREC=prec)
     return out, stats
 
 
@@ -742,20 +829,15 @@ def backward(dout, theta, phi, g, stats, softmax_over: str = "query", determinis
     ins = (*theta.stride(), *phi.stride(), *g.stride(), *dout.stride())
 
     def kv():
-        _bwd_kv_kernel[_grid_n(B, N)](theta, phi, g, dout, stats[0], stats[1], delta, dphi, dg, *ins,
-                                      *dphi.stride(), *dg.stride(), N, _bucket(N),
-                                      D=D, DV=DV, PREC=prec, STATS_PER_KEY=per_key)
+        _launch(_bwd_kv_kernel, _grid_n(B, N), theta, phi, g, dout, stats[0], stats[1], delta, dphi, dg, *ins,
+                *dphi.stride(), *dg.stride(), N, _bucket(N), D=D, DV=DV, PREC=prec, STATS_PER_KEY=per_key)
 
     def q():
-        _bwd_q_kernel[_grid_m(B, N)](theta, phi, g, dout, stats[0], stats[1], delta, dtheta, *ins,
-                                     *dtheta.stride(), N, _bucket(N), D=D, DV=DV, PREC=prec,
-                                     STATS_PER_KEY=per_key)
+        _launch(_bwd_q_kernel, _grid_m(B, N), theta, phi, g, dout, stats[0], stats[1], delta, dtheta, *ins,
+                *dtheta.stride(), N, _bucket(N), D=D, DV=DV, PREC=prec, STATS_PER_KEY=per_key)
 
     # The kernel that owns the normalising index computes D first and stores it for the other.
-    if per_key:
-        kv()
-        q()
-    else:
-        q()
-        kv()
+    with _device_guard(theta):
+        for launch in ((kv, q) if per_key else (q, kv)):
+            launch()
     return dtheta, dphi, dg

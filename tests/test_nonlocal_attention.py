@@ -5,7 +5,11 @@ tolerance rule: error vs float64 <= 2 x (PyTorch's own error computing the naive
 dtype) + a small floor relative to the result's magnitude.
 """
 import contextlib
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ from rnan_fast import _ext, reference
 from rnan_fast.ops import nonlocal_attention
 
 op = torch.ops.rnan_fast.nonlocal_attention
+REPO = Path(__file__).resolve().parents[1]
 # Under the interpreter, rows past N in a partial block (computed, never stored) may overflow to
 # inf/nan in numpy; stored results are checked for finiteness below.
 pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
@@ -388,6 +393,89 @@ def test_opcheck_triton(mode):
     torch.library.opcheck(op, (th, ph, g, mode, "triton"))
 
 
+FP32_NEW_PRECISION_API = """
+import torch
+from rnan_fast.ops import nonlocal_attention
+from rnan_fast.kernels import nonlocal_attention as kernel
+assert kernel._INTERPRET
+gen = torch.Generator().manual_seed(0)
+th, ph, g = (torch.randn(1, 40, 16, generator=gen) for _ in range(3))
+exact = torch.softmax(th.double() @ ph.double().transpose(1, 2), dim=1) @ g.double()   # softmax over queries
+for precision, expected in (("tf32", "tf32"), ("ieee", kernel.FP32_HIGHEST_INPUT_PRECISION)):
+    torch.backends.cuda.matmul.fp32_precision = precision      # the new API: the legacy getter now raises
+    assert kernel._precision(torch.float32) == expected, (precision, kernel._precision(torch.float32))
+    out = nonlocal_attention(th, ph, g, softmax_over="query", backend="triton")
+    assert (out.double() - exact).abs().max() < 1e-4, precision
+torch.backends.cuda.matmul.fp32_precision = "none"
+torch.backends.fp32_precision = "tf32"                          # the global level of the new API
+assert kernel._precision(torch.float32) == "tf32"
+print("ok")
+"""
+
+
+@needs_triton
+def test_triton_fp32_under_the_new_matmul_precision_api():
+    """torch.get_float32_matmul_precision() raises once torch.backends.cuda.matmul.fp32_precision
+    was set; fp32 calls must still run and follow the setting. In a subprocess: the new API
+    cannot be unset in a process (the legacy getter keeps raising), so this session stays clean."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", FP32_NEW_PRECISION_API], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+class _DeviceRecorder:
+    """Stands in for torch.cuda.device: records the device each guard selects, and which is
+    current (None outside every guard)."""
+
+    def __init__(self):
+        self.stack, self.selected = [], []
+
+    def __call__(self, device):
+        recorder = self
+
+        class Guard:
+            def __enter__(self):
+                recorder.stack.append(device)
+                recorder.selected.append(device)
+
+            def __exit__(self, *exc):
+                recorder.stack.pop()
+                return False
+        return Guard()
+
+    @property
+    def current(self):
+        return self.stack[-1] if self.stack else None
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_launches_inside_a_device_guard(mode, monkeypatch):
+    """Every launch runs with the inputs' device current (Triton launches on the current device:
+    cuda:1 tensors while cuda:0 is current would otherwise go to cuda:0). Spied here on the
+    launcher; a real second GPU is checked by test_gpu_other_device."""
+    from rnan_fast.kernels import nonlocal_attention as kernel
+
+    recorder, launches = _DeviceRecorder(), []
+    real_launch = kernel._launch
+
+    def spy(k, grid, *args, **meta):
+        launches.append((k.base_fn.__name__, recorder.current))
+        return real_launch(k, grid, *args, **meta)
+
+    monkeypatch.setattr(torch.cuda, "device", recorder)
+    monkeypatch.setattr(kernel, "_launch", spy)
+    th, ph, g = make_inputs(1, 20, 16, 16, seed=17, device=DEV)
+    expected = th.device if th.is_cuda else -1
+    out, stats = kernel.forward(th, ph, g, mode)
+    kernel.backward(torch.randn_like(out), th, ph, g, stats, mode)
+    names = [name for name, _ in launches]
+    assert len(names) == (4 if mode == "query" else 3) and "_bwd_kv_kernel" in names and "_bwd_q_kernel" in names
+    assert all(current == expected for _, current in launches), launches
+    assert recorder.current is None and set(recorder.selected) == {expected}
+
+
 # ------------------------------------------------------------------------------------------------
 # Column pass 2: every tuning candidate, and the polynomial exp2 some of them use
 # ------------------------------------------------------------------------------------------------
@@ -568,3 +656,22 @@ def test_gpu_cuda_graph_replay(mode):
     torch.cuda.synchronize()
     for a, b in zip([y] + [x.grad for x in xs], eager):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not (CUDA and _ext.triton_available() and torch.cuda.device_count() > 1),
+                    reason="needs two CUDA GPUs and Triton")
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_other_device(mode):
+    """Tensors on cuda:1 while cuda:0 is current: the same result as on cuda:0, on cuda:1."""
+    th, ph, g = make_inputs(2, 300, 32, 32, dtype=torch.bfloat16, seed=24, device="cuda:0")
+    xs = [t.detach().requires_grad_() for t in (th, ph, g)]
+    y = nonlocal_attention(*xs, softmax_over=mode, backend="triton")
+    y.backward(torch.ones_like(y))
+    assert torch.cuda.current_device() == 0
+    xs1 = [t.detach().to("cuda:1").requires_grad_() for t in (th, ph, g)]
+    y1 = nonlocal_attention(*xs1, softmax_over=mode, backend="triton")
+    y1.backward(torch.ones_like(y1))
+    torch.cuda.synchronize("cuda:1")
+    assert y1.device == torch.device("cuda:1") and torch.cuda.current_device() == 0
+    for a, b in zip([y] + [x.grad for x in xs], [y1] + [x.grad for x in xs1]):
+        assert torch.equal(a, b.to("cuda:0"))
