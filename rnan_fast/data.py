@@ -1,4 +1,5 @@
-"""Image input/output, colour conversions and the benchmark degradations (numpy, no torch).
+"""Image input/output, colour conversions and the benchmark degradations (numpy; torch only
+for a torch.Generator given as a noise seed).
 
 Images are numpy arrays: uint8 (H, W) for gray, uint8 (H, W, 3) for RGB; degraded inputs may be
 float64 (noise is not rounded). The degradations follow the protocols that reproduce RNAN's
@@ -16,6 +17,8 @@ benchmark rows (the shared data README):
   to zero, kept as a 3-channel image.
 - ``bicubic_downscale``: crop to a multiple of the scale, then MATLAB ``imresize(HR, 1/s,
   'bicubic')`` from uint8 RGB (rnan_fast.imresize).
+- ``ground_truth`` and ``degrade``: the per-task protocol built from the above, shared by
+  evaluation and training.
 - ``to_gray``: Pillow ``convert('L')`` (ITU-R 601-2 luma, R*299/1000 + G*587/1000 + B*114/1000),
   how RGB inputs become gray for gray-denoising models and how gray Kodak24 is made.
 """
@@ -34,7 +37,8 @@ from rnan_fast.imresize import imresize, to_uint8
 __all__ = [
     "IMAGE_EXTENSIONS", "ImageReadError", "read_image", "write_png_atomic", "list_images",
     "to_gray", "to_rgb", "rgb_to_y", "add_gaussian_noise", "noise_seed", "jpeg", "mosaic",
-    "modcrop", "bicubic_downscale", "bicubic_upscale", "to_uint8",
+    "modcrop", "bicubic_downscale", "bicubic_upscale", "to_uint8", "TASKS", "TASK_COLORS",
+    "ground_truth", "degrade",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm", ".pgm", ".webp")
@@ -164,11 +168,21 @@ def noise_seed(base: int, index: int) -> int:
     return int(base) + int(index)
 
 
-def add_gaussian_noise(img: np.ndarray, sigma: float, seed: int, quantize: bool = False) -> np.ndarray:
-    """img + sigma * N(0, 1), float64, noise from numpy.random.default_rng(seed).standard_normal
-    of the image's shape. Unclipped and unrounded unless quantize=True (then uint8)."""
-    rng = np.random.default_rng(seed)
-    noisy = img.astype(np.float64) + float(sigma) * rng.standard_normal(img.shape)
+def add_gaussian_noise(img: np.ndarray, sigma: float, seed, quantize: bool = False) -> np.ndarray:
+    """img + sigma * N(0, 1) in float64, unclipped and unrounded unless quantize=True (then uint8).
+
+    seed: an int (the evaluation: numpy.random.default_rng(seed).standard_normal of the image's
+    shape) or a torch.Generator (training: torch.randn of the image's shape in float64 drawn from
+    it, so one generator per sample decides every draw of that sample)."""
+    if isinstance(seed, (int, np.integer)):
+        noise = np.random.default_rng(seed).standard_normal(img.shape)
+    else:
+        import torch  # only for generator-driven draws: this module stays numpy-only otherwise
+
+        if not isinstance(seed, torch.Generator):
+            raise TypeError(f"add_gaussian_noise: seed must be an int or a torch.Generator, got {type(seed).__name__}")
+        noise = torch.randn(img.shape, generator=seed, dtype=torch.float64).numpy()
+    noisy = img.astype(np.float64) + float(sigma) * noise
     return to_uint8(noisy) if quantize else noisy
 
 
@@ -217,3 +231,45 @@ def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
     """MATLAB imresize(lr, scale, 'bicubic') on uint8: the 'Bicubic' baseline of SR tables."""
     h, w = lr.shape[:2]
     return imresize(lr, output_shape=(h * scale, w * scale))
+
+
+# --------------------------------------------------------------------------- task protocols
+
+TASKS = ("denoise_gray", "denoise_rgb", "car", "demosaic", "sr")
+TASK_COLORS = {"denoise_gray": 1, "car": 1, "denoise_rgb": 3, "demosaic": 3, "sr": 3}
+
+
+def ground_truth(img: np.ndarray, task: str) -> np.ndarray:
+    """The clean target of a task for a decoded image (uint8): gray (Pillow convert('L')) for
+    denoise_gray, Y of rgb2ycbcr (rounded) for car, RGB for denoise_rgb and demosaic; sr keeps
+    the image as it is (a gray SR ground truth is scored on its gray values: metrics.evaluate)."""
+    if task == "denoise_gray":
+        return to_gray(img)
+    if task == "car":
+        return rgb_to_y(img, rounded=True)
+    if task in ("denoise_rgb", "demosaic"):
+        return to_rgb(img)
+    if task == "sr":
+        return img
+    raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+
+
+def degrade(gt: np.ndarray, task: str, *, sigma: float | None = None, quality: int | None = None,
+            scale: int = 1, seed=0, quantize_noisy: bool = False,
+            resize_padding: str = "symmetric") -> tuple[np.ndarray, np.ndarray]:
+    """(ground truth, model input) of a task for a ground truth from ground_truth(): the one
+    definition of each degradation, used by `rnan-fast eval` (whole images, int seeds) and by
+    training (patches, a torch.Generator per sample as `seed`).
+
+    denoise_*: add_gaussian_noise(gt, sigma, seed, quantize_noisy); car: jpeg(gt, quality);
+    demosaic: mosaic(gt); sr: bicubic_downscale(to_rgb(gt), scale, resize_padding) and the
+    ground truth cropped to a multiple of the scale (ValueError when smaller than the scale)."""
+    if task in ("denoise_gray", "denoise_rgb"):
+        return gt, add_gaussian_noise(gt, sigma, seed, quantize_noisy)
+    if task == "car":
+        return gt, jpeg(gt, quality)
+    if task == "demosaic":
+        return gt, mosaic(gt)
+    if task == "sr":  # bicubic_downscale refuses an image that modcrop would leave empty
+        return modcrop(gt, scale), bicubic_downscale(to_rgb(gt), scale, padding=resize_padding)
+    raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")

@@ -31,6 +31,8 @@ _DEFAULTS = {"n_colors": 3, "scale": 1, "n_feats": 64, "n_resgroups": 10, "rgb_r
 _SHAPE_KEYS = ("n_colors", "scale", "n_feats", "n_resgroups")
 # Keys under which training scripts nest a state dict, tried in this order.
 _WRAPPER_KEYS = ("state_dict", "model", "params")
+# The "format" entry of a rnan_fast.train checkpoint: {"model": ..., "ema": ... or None, ...}.
+TRAINING_FORMAT = "rnan_fast.train/1"
 
 
 class CheckpointError(ValueError):
@@ -186,7 +188,8 @@ class RNAN(nn.Module):
 
         path_or_state_dict: a file saved with torch.save, or an in-memory dict. A state dict
             nested under "state_dict", "model" or "params" is unwrapped, and a "module."
-            (DataParallel) prefix is stripped.
+            (DataParallel) prefix is stripped. A `rnan-fast train` checkpoint (last.pt,
+            best.pt) gives its EMA weights when the run kept an EMA, else its model weights.
         map_location: passed to torch.load; a device (str or torch.device) also places the model.
         softmax_over: "query" (official) or "key" for the non-local attention.
         weights_only: torch.load's safe mode (tensors and plain containers only). Pass False only
@@ -260,6 +263,9 @@ def read_checkpoint(path_or_state_dict: str | os.PathLike | Mapping, map_locatio
         source, obj = "state dict", path_or_state_dict
     else:
         raise TypeError(f"RNAN: expected a checkpoint path or a state dict, got {type(path_or_state_dict).__name__}")
+    if isinstance(obj, Mapping) and obj.get("format") == TRAINING_FORMAT:
+        # a training checkpoint: the EMA weights when the run kept them (what validation scored)
+        obj = obj["ema"] if isinstance(obj.get("ema"), Mapping) else obj["model"]
     return _unwrap(obj, source), source
 
 

@@ -6,6 +6,9 @@
     rnan-fast eval    (--weights W.pt | --baseline) --task denoise_gray|denoise_rgb|car|demosaic|sr
                       [--sigma S | --quality Q | --scale s] --data DIR [--limit N] [--csv FILE]
                       [--self-ensemble] [--chop | --tile N] [--seed K] [--quantize-noisy] ...
+    rnan-fast train   --task TASK [--sigma S | --sigma-range A B | --quality Q | --scale s]
+                      --data DIR... --out RUN_DIR [--resume] [--val DIR...] [--steps N] ...
+                      (see `rnan-fast train --help`; torchrun --nproc_per_node=K -m rnan_fast train ...)
     rnan-fast bench   [--device cpu|cuda] [--quick] [--repeat N]
 
 restore: INPUT are image files or folders (their images, not recursive). The architecture comes
@@ -26,7 +29,7 @@ or input errors (an unwritable --csv included), 130 interrupt.
 on tiny tensors first and refused up front where its kernels cannot run. --trust-checkpoint loads
 checkpoints that pickle Python objects (torch.load with weights_only=False): trusted files only.
 
-Layout: one module per subcommand (restore, eval, bench), each with add_parser(subparsers) and
+Layout: one module per subcommand (restore, eval, train, bench), each with add_parser(subparsers) and
 its cmd_* function; rnan_fast.cli.common holds what they share (UserError, exit codes, the
 device, the model load, the progress bar).
 """
@@ -35,15 +38,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rnan_fast.cli import bench, eval, restore
+from rnan_fast.cli import bench, eval, restore, train
 from rnan_fast.cli.common import EXIT_INTERRUPT, EXIT_USAGE, PROG, UserError, _err
 
-SUBCOMMANDS = (restore, eval, bench)  # modules with add_parser(subparsers), in help order
+SUBCOMMANDS = (restore, eval, train, bench)  # modules with add_parser(subparsers), in help order
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="RNAN image restoration: restore images, "
-                                     "evaluate on benchmarks, time the kernels.")
+                                     "evaluate on benchmarks, train, time the kernels.")
     from rnan_fast import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

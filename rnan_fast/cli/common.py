@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 
 PROG = "rnan-fast"
-TASKS = ("denoise_gray", "denoise_rgb", "car", "demosaic", "sr")
-TASK_COLORS = {"denoise_gray": 1, "car": 1, "denoise_rgb": 3, "demosaic": 3, "sr": 3}
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPT = 0, 1, 2, 130
 
 

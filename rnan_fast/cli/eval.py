@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from rnan_fast import data as D
-from rnan_fast.cli.common import (EXIT_FAILURES, EXIT_OK, PROG, TASK_COLORS, TASKS, UserError, _add_runtime_args,
-                                  _check_backend, _check_runtime_args, _device, _err, _load_model, _progress,
-                                  _report, _restore_kwargs)
+from rnan_fast.cli.common import (EXIT_FAILURES, EXIT_OK, PROG, UserError, _add_runtime_args, _check_backend,
+                                  _check_runtime_args, _device, _err, _load_model, _progress, _report,
+                                  _restore_kwargs)
+from rnan_fast.data import TASK_COLORS, TASKS
 
 EVAL_EPILOG = """\
 protocols (the shared data README; baseline rows reproduce with --baseline):
@@ -96,25 +97,13 @@ def _task_params(args, net, model_pending: bool = False) -> dict:
 
 
 def _degrade(img: np.ndarray, index: int, p: dict, args):
-    """(ground truth, model input) for one image; see the eval help for the protocol.
-    ValueError for an image the protocol cannot use (sr: smaller than the scale)."""
-    task = p["task"]
-    if task == "denoise_gray":
-        gt = D.to_gray(img)
-        lq = D.add_gaussian_noise(gt, p["sigma"], D.noise_seed(args.seed, index), args.quantize_noisy)
-    elif task == "denoise_rgb":
-        gt = D.to_rgb(img)
-        lq = D.add_gaussian_noise(gt, p["sigma"], D.noise_seed(args.seed, index), args.quantize_noisy)
-    elif task == "car":
-        gt = D.rgb_to_y(img, rounded=True)
-        lq = D.jpeg(gt, p["quality"])
-    elif task == "demosaic":
-        gt = D.to_rgb(img)
-        lq = D.mosaic(gt)
-    else:  # bicubic_downscale refuses an image that modcrop would leave empty
-        lq = D.bicubic_downscale(D.to_rgb(img), p["scale"], padding=args.resize_padding)
-        gt = D.modcrop(img, p["scale"])
-    return gt, lq
+    """(ground truth, model input) for one image: data.ground_truth and data.degrade with the
+    noise seed of image `index`. ValueError for an image the protocol cannot use (sr: smaller
+    than the scale)."""
+    gt = D.ground_truth(img, p["task"])
+    return D.degrade(gt, p["task"], sigma=p.get("sigma"), quality=p.get("quality"), scale=p["scale"],
+                     seed=D.noise_seed(args.seed, index), quantize_noisy=args.quantize_noisy,
+                     resize_padding=args.resize_padding)
 
 
 def _describe_task(p: dict, args) -> str:

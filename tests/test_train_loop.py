@@ -1,0 +1,291 @@
+"""rnan_fast.train.loop and `rnan-fast train`: exact resume, signals, SIGKILL, degradations shared
+with eval, checkpoints that restore/eval load, and the user errors.
+
+Tiny runs: RNAN n_feats 8, 2 groups, 16x16 patches (sr: 8x8 LR), batch 2, a few steps, one
+intra-op thread (the thread count is part of what makes runs bitwise reproducible on the CPU).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rnan_fast import RNAN, cli
+from rnan_fast import data as D
+from rnan_fast.train import TrainConfig, loop, run
+from rnan_fast.train import datasets as DS
+from rnan_fast.train.checkpoint import read_training_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = dict(n_feats=8, n_resgroups=2, patch_size=16, batch_size=2, log_every=1)
+
+
+@pytest.fixture(scope="module")
+def train_dir(data_dir, tmp_path_factory):
+    """Four small crops of real images (three colour, one gray) of odd sizes."""
+    d = tmp_path_factory.mktemp("train_images")
+    for name, box in (("kodim01", (0, 0, 41, 37)), ("kodim05", (100, 60, 139, 95)),
+                      ("kodim13", (200, 100, 251, 133))):
+        Image.open(data_dir / "Kodak24" / f"{name}.png").crop(box).save(d / f"{name}.png")
+    Image.open(data_dir / "Set12" / "01.png").crop((10, 10, 45, 43)).save(d / "set12_01.png")
+    return d
+
+
+def cfg(train_dir, out, **kw):
+    base = dict(task="denoise_rgb", sigma=25.0, data=[str(train_dir)], out=str(out), **TINY)
+    base.update(kw)
+    return loop.resolve_config(base)
+
+
+def tensors_equal(a, b) -> bool:
+    """Bitwise equality of two nested checkpoint structures (tensors compared exactly)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(tensors_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for key in ("model", "ema", "optimizer"):
+        assert tensors_equal(a[key], b[key]), key
+    assert a["data"] == b["data"]
+
+
+def _run_cli(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --------------------------------------------------------------------------- resume
+
+@pytest.mark.parametrize("task,opts", [
+    ("denoise_rgb", dict(sigma_range=[5.0, 50.0], ema=0.9)),
+    ("sr", dict(scale=2, patch_size=8, schedule="cosine")),
+])
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(train_dir, tmp_path, task, opts):
+    opts = dict(opts, task=task, sigma=None)  # (None: not given; sigma_range replaces it)
+    steps = 5
+    whole = run(cfg(train_dir, tmp_path / "whole", steps=steps, save_every=100, **opts), quiet=True)
+    assert whole["step"] == steps
+    # stop at k = 2: an interrupted run leaves last.pt at step 2 (the cosine schedule depends on
+    # --steps, so that run keeps steps=5 and is stopped by the signal path)
+    first = cfg(train_dir, tmp_path / "parts", steps=steps, save_every=100, **opts)
+    calls = {"n": 0}
+    original = loop.learning_rate
+
+    def interrupt_after_two(c, step):
+        calls["n"] += 1
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives during step 3's call; the loop stops after it
+        return original(c, step)
+
+    loop.learning_rate = interrupt_after_two
+    try:
+        with pytest.raises(loop.Interrupted) as e:
+            run(first, quiet=True)
+    finally:
+        loop.learning_rate = original
+    stopped = e.value.step
+    assert 1 <= stopped < steps
+    state = read_training_checkpoint(tmp_path / "parts" / "last.pt")
+    assert state["step"] == stopped
+    resumed_cfg = loop.resolve_config({"out": str(tmp_path / "parts")}, None, state["config"])
+    run(resumed_cfg, resume=True, quiet=True, resumed_state=state)
+    a = read_training_checkpoint(tmp_path / "whole" / "last.pt")
+    b = read_training_checkpoint(tmp_path / "parts" / "last.pt")
+    assert_same_training(a, b)
+    # the log of the resumed run continues where the checkpoint was, with no duplicated steps
+    steps_logged = [r["step"] for r in map(json.loads, (tmp_path / "parts" / "log.jsonl").read_text().splitlines())
+                    if "loss" in r]
+    assert steps_logged == list(range(1, steps + 1))
+
+
+def test_resume_with_more_steps_equals_a_longer_run(train_dir, tmp_path):
+    """The step schedule: a run of 2 steps extended by --resume --steps 4 is the 4-step run."""
+    run(cfg(train_dir, tmp_path / "long", steps=4), quiet=True)
+    run(cfg(train_dir, tmp_path / "short", steps=2), quiet=True)
+    state = read_training_checkpoint(tmp_path / "short" / "last.pt")
+    run(loop.resolve_config({"out": str(tmp_path / "short"), "steps": 4}, None, state["config"]),
+        resume=True, quiet=True, resumed_state=state)
+    assert_same_training(read_training_checkpoint(tmp_path / "long" / "last.pt"),
+                         read_training_checkpoint(tmp_path / "short" / "last.pt"))
+
+
+def test_batches_do_not_depend_on_workers(train_dir):
+    images, _ = DS.load_images([str(train_dir)], "denoise_gray", 16)
+    ds = DS.TrainPatches(images, "denoise_gray", 16, 4, seed=3, sigma=15.0)
+    batches = []
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=DS.StepBatches(1, 4, 4), num_workers=workers,
+                                             worker_init_fn=DS.worker_init if workers else None)
+        batches.append([b for b in loader])
+    for (lq0, gt0), (lq1, gt1) in zip(*batches):
+        assert torch.equal(lq0, lq1) and torch.equal(gt0, gt1)
+    # two ranks' slices make up the global batch
+    halves = [list(DS.StepBatches(2, 3, 4, rank=r, world_size=2)) for r in (0, 1)]
+    assert halves[0][0] + halves[1][0] == list(DS.StepBatches(2, 3, 4))[0]
+
+
+# --------------------------------------------------------------------------- degradations
+
+def _draws(g, img, p):
+    """The documented draw order of a non-SR sample: y, x, transform."""
+    y = int(torch.randint(img.shape[0] - p + 1, (1,), generator=g))
+    x = int(torch.randint(img.shape[1] - p + 1, (1,), generator=g))
+    return y, x, int(torch.randint(8, (1,), generator=g))
+
+
+@pytest.mark.parametrize("task,kw", [("denoise_gray", dict(sigma=30.0)), ("denoise_rgb", dict(sigma=10.0)),
+                                     ("car", dict(quality=20)), ("demosaic", {})])
+def test_training_degradation_is_the_eval_one(train_dir, task, kw, monkeypatch):
+    """A training sample is data.degrade (what `rnan-fast eval` calls) of its flipped/transposed
+    patch, with the sample's generator as the noise seed."""
+    images, names = DS.load_images([str(train_dir)], task, 16)
+    ds = DS.TrainPatches(images, task, 16, 3, seed=11, **kw)
+    for n in (0, 4, 7):
+        lq, gt = ds[n]
+        img = ds._image(n)
+        g = DS.sample_generator(11, n // 3, n % 3)
+        y, x, i = _draws(g, img, 16)
+        patch = np.ascontiguousarray(DS.dihedral(img[y:y + 16, x:x + 16], i))
+        want_gt, want_lq = D.degrade(patch, task, seed=g, **kw)
+        assert np.array_equal(gt.numpy().transpose(1, 2, 0).squeeze(-1) if gt.shape[0] == 1
+                              else gt.numpy().transpose(1, 2, 0), want_gt.astype(np.float32))
+        got_lq = lq.numpy().transpose(1, 2, 0)
+        assert np.array_equal(got_lq[..., 0] if got_lq.shape[-1] == 1 else got_lq, want_lq.astype(np.float32))
+    # eval's degradation goes through the same function
+    from rnan_fast.cli import eval as cli_eval
+
+    calls = []
+    monkeypatch.setattr(D, "degrade", lambda *a, **k: calls.append((a[1], k)) or (a[0], a[0]))
+    cli_eval._degrade(images[0], 0, {"task": task, "scale": 1, **kw},
+                      type("A", (), {"seed": 0, "quantize_noisy": False, "resize_padding": "symmetric"}))
+    assert calls and calls[0][0] == task
+
+
+def test_generator_noise_matches_its_generator():
+    img = np.random.default_rng(0).integers(0, 256, (9, 13, 3), dtype=np.uint8)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    noisy = D.add_gaussian_noise(img, 17.5, g1)
+    want = img.astype(np.float64) + 17.5 * torch.randn(img.shape, generator=g2, dtype=torch.float64).numpy()
+    assert noisy.dtype == np.float64 and np.array_equal(noisy, want)
+    with pytest.raises(TypeError, match="torch.Generator"):
+        D.add_gaussian_noise(img, 1.0, "7")
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_sr_patches_are_crops_of_the_whole_image_degradation(data_dir, scale):
+    """The LR patch cut from a downscaled region with margin equals the whole image's bicubic
+    downscale cropped there (exactly), also at the image borders."""
+    img = D.read_image(data_dir / "Kodak24" / "kodim03.png")[:150, :171]
+    p = 10
+    ds = DS.TrainPatches([img], "sr", p, 8, seed=2, scale=scale)
+    gt_whole, lr_whole = D.degrade(img, "sr", scale=scale)
+    h, w = img.shape[0] // scale, img.shape[1] // scale
+    for n in range(24):
+        lq, gt = ds[n]
+        g = DS.sample_generator(2, n // 8, n % 8)
+        y = int(torch.randint(h - p + 1, (1,), generator=g))
+        x = int(torch.randint(w - p + 1, (1,), generator=g))
+        i = int(torch.randint(8, (1,), generator=g))
+        want_lq = DS.dihedral(lr_whole[y:y + p, x:x + p], i)
+        want_gt = DS.dihedral(gt_whole[y * scale:(y + p) * scale, x * scale:(x + p) * scale], i)
+        assert np.array_equal(lq.numpy().transpose(1, 2, 0), want_lq.astype(np.float32))
+        assert np.array_equal(gt.numpy().transpose(1, 2, 0), want_gt.astype(np.float32))
+
+
+# --------------------------------------------------------------------------- checkpoints in restore/eval
+
+def test_checkpoints_load_in_restore_and_eval(train_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = _run_cli(["train", "--task", "denoise_rgb", "--sigma", 25, "--data", train_dir,
+                                  "--out", out, "--steps", 2, "--batch-size", 2, "--patch-size", 16,
+                                  "--n-feats", 8, "--n-resgroups", 2, "--ema", 0.5, "--val", train_dir,
+                                  "--val-every", 1, "--val-limit", 2, "--quiet"], capsys)
+    assert code == 0, err
+    assert {"last.pt", "best.pt", "log.jsonl", "config.json"} <= set(os.listdir(out))
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_feats"] == 8 and config["ema"] == 0.5 and config["steps"] == 2
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val_psnr" in r]
+    assert [r["step"] for r in val] == [1, 2] and all(r["val_images"] == 2 for r in val)
+    # from_checkpoint gives the EMA weights of a training checkpoint
+    state = read_training_checkpoint(out / "best.pt")
+    net = RNAN.from_checkpoint(out / "best.pt")
+    assert tensors_equal(net.state_dict(), state["ema"])
+    assert not tensors_equal(state["ema"], state["model"])
+    code, _, err = _run_cli(["restore", "--weights", out / "last.pt", "-o", tmp_path / "restored", "--quiet",
+                             train_dir / "kodim05.png"], capsys)
+    assert code == 0, err
+    assert D.read_image(tmp_path / "restored" / "kodim05.png").shape == (35, 39, 3)
+    code, stdout, err = _run_cli(["eval", "--weights", out / "best.pt", "--task", "denoise_rgb", "--sigma", 25,
+                                  "--data", train_dir, "--limit", 2, "--quiet"], capsys)
+    assert code == 0, err
+    mean = float(next(line for line in stdout.splitlines() if line.startswith("mean")).split()[1])
+    best = max(r["val_psnr"] for r in val)
+    assert abs(mean - best) <= 5e-5  # eval prints 4 decimals; validation is its protocol (seed, images)
+
+
+# --------------------------------------------------------------------------- signals and SIGKILL
+
+def _train_proc(out, train_dir, steps, extra=()):
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    argv = [sys.executable, "-m", "rnan_fast", "train", "--task", "denoise_rgb", "--sigma", "25", "--data",
+            str(train_dir), "--out", str(out), "--steps", str(steps), "--batch-size", "2", "--patch-size", "16",
+            "--n-feats", "8", "--n-resgroups", "2", "--save-every", "1", "--quiet", *extra]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(out, at_least, proc, timeout=240):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        log = out / "log.jsonl"
+        if log.exists():
+            steps = [json.loads(x)["step"] for x in log.read_text().splitlines() if x.strip()]
+            if steps and steps[-1] >= at_least:
+                return
+        if proc.poll() is not None:
+            pytest.fail(f"training ended early: {proc.communicate()[1]}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("training did not reach the step in time")
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_to_the_uninterrupted_weights(train_dir, tmp_path, how, capsys):
+    """A run killed mid-way (SIGKILL: no chance to save; SIGTERM: saves and exits) leaves a
+    loadable last.pt; resumed, it ends where an uninterrupted run of as many steps ends."""
+    out = tmp_path / "killed"
+    proc = _train_proc(out, train_dir, 400)  # far more steps than it gets to run
+    _wait_for_step(out, 3, proc)
+    proc.send_signal(getattr(signal, how))
+    _, err = proc.communicate(timeout=120)
+    if how == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert "SIGTERM" in err and "--resume" in err and "Traceback" not in err
+        assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    stopped = read_training_checkpoint(out / "last.pt")["step"]  # loadable, never half-written
+    assert stopped >= 2
+    target = stopped + 2
+    code, _, err = _run_cli(["train", "--out", out, "--resume", "--steps", target, "--quiet"], capsys)
+    assert code == 0, err
+    run(cfg(train_dir, tmp_path / "whole", steps=target, save_every=1, log_every=100), quiet=True)
+    assert_same_training(read_training_checkpoint(tmp_path / "whole" / "last.pt"),
+                         read_training_checkpoint(out / "last.pt"))
