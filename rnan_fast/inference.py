@@ -24,7 +24,12 @@ no autograd of their own: call them under torch.inference_mode() (``restore_tens
   of x (index i: bit 0 flips W, bit 1 flips H, bit 2 transposes H and W, applied in that order),
   each output is mapped back by the inverse transform, and the 8 are averaged.
 
-``restore_tensor`` combines them; ``restore_image`` wraps it for uint8 numpy images.
+``restore_tensor`` combines them (with an optional per-call progress callback: one call per
+tile, per quadrant, per ensemble member); ``restore_image`` wraps it for uint8 numpy images.
+
+``auto_tile`` decides when whole-image inference on the CPU would take too long: the non-local
+blocks cost (H*W)^2 scores each, so past a few hundred pixels a side they dominate everything
+and overlapping tiles are far cheaper (see AUTO_TILE_SCORES). The GPU always runs whole images.
 """
 from __future__ import annotations
 
@@ -37,11 +42,13 @@ from torch import Tensor
 from rnan_fast.imresize import to_uint8
 
 __all__ = ["model_scale", "model_colors", "forward_tiled", "forward_chop", "forward_x8",
-           "restore_tensor", "restore_image", "DTYPES"]
+           "restore_tensor", "restore_image", "DTYPES", "nonlocal_blocks", "attention_scores",
+           "auto_tile", "model_calls", "tile_count", "chop_calls", "AUTO_TILE", "AUTO_TILE_SCORES", "CPU_NS_PER_SCORE"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 Forward = Callable[[Tensor], Tensor]
+Progress = Callable[[int, int], None]   # (model calls done, model calls in all)
 
 
 def _config_value(model, key: str, default):
@@ -89,6 +96,11 @@ def _owned(starts: list[int], tile: int, length: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def tile_count(h: int, w: int, tile: int, overlap: int) -> int:
+    """How many tiles forward_tiled runs on an h x w input."""
+    return len(_tile_starts(h, tile, overlap)) * len(_tile_starts(w, tile, overlap))
+
+
 def forward_tiled(model: Forward, x: Tensor, tile: int, overlap: int = 32, scale: int = 1) -> Tensor:
     """Tiled inference. x: (B, C, H, W) -> (B, C', scale*H, scale*W).
 
@@ -130,17 +142,30 @@ def chop_min_size(scale: int) -> int:
     return 10000 if int(scale) == 1 else 30000
 
 
+def _chop_split(h: int, w: int, min_size: int) -> tuple[int, int, bool]:
+    """(quadrant height, quadrant width, whether the quadrants are leaves) of an h x w input."""
+    h_size = min(h, ((h // 2) // CHOP_SHAVE_MULTIPLE) * CHOP_SHAVE_MULTIPLE + CHOP_MARGIN)
+    w_size = min(w, ((w // 2) // CHOP_SHAVE_MULTIPLE) * CHOP_SHAVE_MULTIPLE + CHOP_MARGIN)
+    return h_size, w_size, h_size * w_size < min_size or (h_size == h and w_size == w)
+
+
+def chop_calls(h: int, w: int, scale: int = 1, min_size: int | None = None) -> int:
+    """How many model calls forward_chop makes on an h x w input."""
+    min_size = chop_min_size(scale) if min_size is None else int(min_size)
+    h_size, w_size, leaves = _chop_split(h, w, min_size)
+    return 4 if leaves else 4 * chop_calls(h_size, w_size, scale, min_size)
+
+
 def forward_chop(model: Forward, x: Tensor, scale: int = 1, min_size: int | None = None) -> Tensor:
     """The official recursive quadrant inference. x: (B, C, H, W) -> (B, C', scale*H, scale*W)."""
     scale = int(scale)
     min_size = chop_min_size(scale) if min_size is None else int(min_size)
     _, _, h, w = x.shape
     h_half, w_half = h // 2, w // 2
-    h_size = min(h, (h_half // CHOP_SHAVE_MULTIPLE) * CHOP_SHAVE_MULTIPLE + CHOP_MARGIN)
-    w_size = min(w, (w_half // CHOP_SHAVE_MULTIPLE) * CHOP_SHAVE_MULTIPLE + CHOP_MARGIN)
+    h_size, w_size, leaves = _chop_split(h, w, min_size)
     quads = [x[:, :, :h_size, :w_size], x[:, :, :h_size, w - w_size:],
              x[:, :, h - h_size:, :w_size], x[:, :, h - h_size:, w - w_size:]]
-    if h_size * w_size < min_size or (h_size == h and w_size == w):
+    if leaves:
         outs = [model(q) for q in quads]
     else:
         outs = [forward_chop(model, q, scale, min_size) for q in quads]
@@ -189,10 +214,74 @@ def forward_x8(forward: Forward, x: Tensor) -> Tensor:
     return (acc / 8).to(out_dtype)
 
 
+# --------------------------------------------------------------------------- CPU auto-tiling
+
+# What whole-image inference costs on the CPU is the non-local attention: every non-local block
+# (2 in RNAN, at full resolution) scores all N^2 query-key pairs, N = H * W, while the convs grow
+# with N only. The CPU path measured 8.2-10.8 ns per score (fp32, d = 32: the reference at
+# N = 96^2..128^2 and 32768, issue table of 2026-12-01, 2-core EPYC; the fused C++ kernel is
+# expected near 1-1.5). AUTO_TILE_SCORES = 2e9 scores is ~20 s of attention at 10 ns/score:
+# 2 blocks pass it at N ~ 31,600 (~178 x 178 pixels). A 512x512 image whole would need 1.4e11
+# scores (~23 min); in 128-pixel tiles with a 32-pixel overlap (25 tiles of N = 16,384) it needs
+# 1.3e10 (~2 min) plus ~1.8x the conv work of the whole image (the overlap).
+CPU_NS_PER_SCORE = 10.0
+AUTO_TILE_SCORES = 2e9
+AUTO_TILE = 128
+
+
+def nonlocal_blocks(model) -> int:
+    """How many non-local blocks `model` holds (each costs N^2 scores per call); 0 if unknown."""
+    from rnan_fast.modules import NonLocalBlock2D
+
+    modules = getattr(model, "modules", None)
+    return sum(isinstance(m, NonLocalBlock2D) for m in modules()) if callable(modules) else 0
+
+
+def attention_scores(model, h: int, w: int) -> int:
+    """Query-key scores one whole-image forward of `model` on an h x w input computes."""
+    n = int(h) * int(w)
+    return nonlocal_blocks(model) * n * n
+
+
+def auto_tile(model, h: int, w: int, device: torch.device | str) -> int | None:
+    """The tile side for an h x w image when whole-image inference would exceed
+    AUTO_TILE_SCORES attention scores on the CPU; None (whole image) otherwise, and always on
+    other devices (the GPU kernels take whole images)."""
+    if torch.device(device).type != "cpu" or attention_scores(model, h, w) <= AUTO_TILE_SCORES:
+        return None
+    return AUTO_TILE
+
+
+def model_calls(h: int, w: int, tile: int | None = None, overlap: int = 32, chop: bool = False,
+                self_ensemble: bool = False, scale: int = 1) -> int:
+    """How many model calls restore_tensor makes on an h x w input with these options (the
+    total its progress callback counts to). Self-ensemble members 4..7 see the transposed size."""
+    def calls(hh, ww):
+        if tile is not None:
+            return tile_count(hh, ww, tile, overlap)
+        return chop_calls(hh, ww, scale) if chop else 1
+    if not self_ensemble:
+        return calls(h, w)
+    return 4 * calls(h, w) + 4 * calls(w, h)
+
+
 # --------------------------------------------------------------------------- entry points
 
+def _counting(model: Forward, total: int, progress: Progress) -> Forward:
+    done = 0
+
+    def forward(v: Tensor) -> Tensor:
+        nonlocal done
+        out = model(v)
+        done += 1
+        progress(done, total)
+        return out
+    return forward
+
+
 def restore_tensor(model, x: Tensor, tile: int | None = None, overlap: int = 32, chop: bool = False,
-                   self_ensemble: bool = False, scale: int | None = None) -> Tensor:
+                   self_ensemble: bool = False, scale: int | None = None,
+                   progress: Progress | None = None) -> Tensor:
     """Restore a batch. x: (B, C, H, W) float on the model's device and dtype, 0..255 values;
     returns (B, C', scale*H, scale*W) in the model's output dtype, unclamped.
 
@@ -200,12 +289,17 @@ def restore_tensor(model, x: Tensor, tile: int | None = None, overlap: int = 32,
     whole image). chop: the official forward_chop instead (not combinable with tile).
     self_ensemble: average over the 8 flips/transposes (wraps whichever of the above runs).
     scale: the model's scale (default: read from model.config / model.scale).
+    progress: called as progress(done, total) after each model call (a tile, a chop quadrant,
+    a whole image; total = model_calls(...)), e.g. to drive a progress bar.
     """
     if tile is not None and chop:
         raise ValueError("choose tiled inference (tile) or the official chop, not both")
     if x.dim() != 4:
         raise ValueError(f"expected a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
     s = model_scale(model) if scale is None else int(scale)
+    if progress is not None:
+        model = _counting(model, model_calls(x.shape[-2], x.shape[-1], tile, overlap, chop, self_ensemble, s),
+                          progress)
     if tile is not None:
         def forward(v):
             return forward_tiled(model, v, tile, overlap, s)

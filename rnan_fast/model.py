@@ -217,6 +217,24 @@ class RNAN(nn.Module):
             net.to(map_location)
         return net
 
+    @classmethod
+    def pretrained(cls, name: str | None = None, device: Any = "cpu") -> "RNAN":
+        """A model that ships with the package (rnan_fast/weights), in eval mode on `device`.
+
+        name: see `RNAN.pretrained_models()` (default: the color denoiser,
+        rnan_fast.weights.DEFAULT_MODEL). The file's SHA-256 is checked against its model card;
+        rnan_fast.weights.WeightsError (a ValueError) names the file and what differs."""
+        from rnan_fast import weights
+
+        return weights.load(name, device)
+
+    @staticmethod
+    def pretrained_models() -> dict:
+        """{name: model card} of the shipped models (rnan_fast.weights.available())."""
+        from rnan_fast import weights
+
+        return weights.available()
+
     def load_checkpoint(self, path_or_state_dict: str | os.PathLike | Mapping, map_location: Any = "cpu",
                         *, weights_only: bool = True) -> "RNAN":
         """Load an official-format checkpoint into this model, strictly; returns self.

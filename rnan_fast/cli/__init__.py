@@ -38,10 +38,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rnan_fast.cli import bench, eval, restore, train
+from rnan_fast.cli import bench, demo, eval, models, restore, train
 from rnan_fast.cli.common import EXIT_INTERRUPT, EXIT_USAGE, PROG, UserError, _err
 
-SUBCOMMANDS = (restore, eval, train, bench)  # modules with add_parser(subparsers), in help order
+SUBCOMMANDS = (restore, eval, demo, models, train, bench)  # modules with add_parser(subparsers), in help order
 
 
 def build_parser() -> argparse.ArgumentParser:

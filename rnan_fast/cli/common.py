@@ -35,7 +35,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", default=None, choices=("auto", "reference", "fast"),
                    help="kernel backend (default: RNAN_FAST_BACKEND or auto)")
     g.add_argument("--tile", type=int, default=None, metavar="N",
-                   help="tiled inference with N x N input tiles (default: whole image)")
+                   help="tiled inference with N x N input tiles (default: whole image; on the CPU, "
+                        "128-pixel tiles for images whose attention would take more than ~20 s)")
+    g.add_argument("--whole", action="store_true",
+                   help="whole-image inference also where the CPU would tile (attention grows with (H*W)^2)")
     g.add_argument("--tile-overlap", type=int, default=32, metavar="P",
                    help="minimum overlap of neighbouring tiles in input pixels (default 32)")
     g.add_argument("--chop", action="store_true",
@@ -50,6 +53,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check_runtime_args(args) -> None:
+    if args.whole and (args.tile is not None or args.chop):
+        raise UserError(f"--whole and {'--tile' if args.tile is not None else '--chop'} exclude each other")
     if args.tile is not None:
         if args.chop:
             raise UserError("--tile and --chop exclude each other")

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from rnan_fast import data as D
+from rnan_fast.cli.models import add_model_args, load_net
+from rnan_fast.cli.tiling import ImageRunner
 from rnan_fast.cli.common import (EXIT_FAILURES, EXIT_OK, PROG, UserError, _add_runtime_args, _check_backend,
-                                  _check_runtime_args, _device, _err, _load_model, _progress, _report,
-                                  _restore_kwargs)
+                                  _check_runtime_args, _device, _err, _progress, _report)
 from rnan_fast.data import TASK_COLORS, TASKS
 
 EVAL_EPILOG = """\
@@ -80,7 +81,7 @@ def _task_params(args, net, model_pending: bool = False) -> dict:
                 return p
             raise UserError("--task sr needs --scale")
         if args.scale is None and scale < 2:
-            raise UserError(f"--task sr needs a super-resolution model; the checkpoint {args.weights} is a "
+            raise UserError(f"--task sr needs a super-resolution model; {args.weights or args.model} is a "
                             f"scale-{scale} model ({net.describe()})")
         if scale < 2:
             raise UserError(f"--scale must be >= 2, got {scale}")
@@ -119,12 +120,20 @@ def _describe_task(p: dict, args) -> str:
 
 
 def cmd_eval(args) -> int:
-    from rnan_fast.inference import DTYPES, restore_image
+    from rnan_fast.baselines import BaselineUnavailable, bm3d_denoise, check_baseline
+    from rnan_fast.inference import DTYPES
     from rnan_fast.metrics import evaluate
 
     _check_runtime_args(args)
-    if args.baseline == (args.weights is not None):
-        raise UserError("give --weights W.pt (restore and score) or --baseline (score the degraded input)")
+    model_given = args.weights is not None or args.model is not None
+    if (args.baseline == "input" and model_given) or (args.baseline is None and not model_given):
+        raise UserError("give --weights W.pt or --model NAME (restore and score; with --baseline bm3d, BM3D "
+                        "beside it), --baseline (score the degraded input) or --baseline bm3d")
+    if args.baseline == "bm3d":
+        try:
+            check_baseline("bm3d", args.task)
+        except BaselineUnavailable as e:
+            raise UserError(f"--baseline bm3d: {e}") from None
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     if args.csv:
@@ -134,17 +143,21 @@ def cmd_eval(args) -> int:
         files = files[: args.limit]
     net = None
     device = None
-    if not args.baseline:
+    if model_given:
         device = _device(args.device)
         _task_params(args, None, model_pending=True)  # option errors before the (slow) model load
         _check_backend(args.backend, device, args.precision)
-        net = _load_model(args.weights, device, args.precision, args.trust_checkpoint)
+        net, _ = load_net(args, device, default_model=False)
     p = _task_params(args, net)
-    kwargs = _restore_kwargs(args)
-    who = "baseline (degraded input)" if net is None else net.describe()
+    runner = None if net is None else ImageRunner(args, net, device, DTYPES[args.precision])
+    bm3d_beside = args.baseline == "bm3d" and net is not None
+    who = {"input": "baseline (degraded input)", "bm3d": "baseline BM3D (CBM3D for color) given the true sigma",
+           None: ""}[args.baseline if net is None else None]
+    if net is not None:
+        who = net.describe() + (", beside BM3D (CBM3D for color) given the true sigma" if bm3d_beside else "")
     print(f"# {_describe_task(p, args)}; data {args.data} ({len(files)} images); {who}")
     width = max(12, max(len(f.name) for f in files))
-    print(f"{'image':<{width}}  {'PSNR':>8}  {'SSIM':>6}")
+    print(f"{'image':<{width}}  {'PSNR':>8}  {'SSIM':>6}" + (f"  {'BM3D PSNR':>9}  {'SSIM':>6}" if bm3d_beside else ""))
     rows, failures = [], []
     t0 = time.perf_counter()
     for index, path in enumerate(_progress(files, len(files), "eval", args.quiet)):
@@ -155,11 +168,13 @@ def cmd_eval(args) -> int:
             _report(f"{PROG}: skipped {path}: {e}", args.quiet)
             failures.append(path)
             continue
-        if net is None:
+        if net is None and args.baseline == "bm3d":
+            out = bm3d_denoise(lq, p["sigma"])
+        elif net is None:
             out = D.bicubic_upscale(lq, p["scale"]) if p["task"] == "sr" else lq
         else:
             try:
-                out = restore_image(net, lq, device=device, dtype=DTYPES[args.precision], **kwargs)
+                out = runner.run(lq, path)
             except (RuntimeError, ValueError, ArithmeticError) as e:
                 _report(f"{PROG}: failed on {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                         args.quiet)
@@ -171,17 +186,18 @@ def cmd_eval(args) -> int:
             _report(f"{PROG}: cannot score {path}: {e}", args.quiet)
             failures.append(path)
             continue
-        rows.append({"image": path.name, "psnr": pv, "ssim": sv})
-        s_txt = "" if sv is None else f"{sv:.4f}"
-        _report(f"{path.name:<{width}}  {pv:8.4f}  {s_txt:>6}", args.quiet, file=sys.stdout)
+        row = {"image": path.name, "psnr": pv, "ssim": sv}
+        if bm3d_beside:  # the very same noisy image through BM3D, scored alike
+            row["bm3d_psnr"], row["bm3d_ssim"] = evaluate(gt, bm3d_denoise(lq, p["sigma"]), p["task"],
+                                                          with_ssim=not args.no_ssim)
+        rows.append(row)
+        _report(f"{path.name:<{width}}  {_scores_text(row)}", args.quiet, file=sys.stdout)
+    mean = _mean_row(rows)
     if rows:
-        mean_p = statistics.fmean(r["psnr"] for r in rows)
-        mean_s = None if args.no_ssim else statistics.fmean(r["ssim"] for r in rows)
-        s_txt = "" if mean_s is None else f"{mean_s:.4f}"
-        print(f"{'mean':<{width}}  {mean_p:8.4f}  {s_txt:>6}")
+        print(f"{'mean':<{width}}  {_scores_text(mean)}")
         print(f"# {len(rows)} images in {time.perf_counter() - t0:.1f} s")
     if args.csv:
-        _write_csv(Path(args.csv), rows, mean_p if rows else math.nan, mean_s if rows else None)
+        _write_csv(Path(args.csv), rows, mean)
     if failures:
         _err(f"{len(failures)} image(s) failed: " + ", ".join(str(f) for f in failures))
         return EXIT_FAILURES
@@ -205,16 +221,35 @@ def _prepare_csv(path: Path) -> None:
         raise UserError(f"--csv {path}: the folder {path.parent} is not writable")
 
 
-def _write_csv(path: Path, rows: list[dict], mean_p: float, mean_s) -> None:
+def _scores_text(row: dict) -> str:
+    """PSNR and SSIM of a row (and BM3D's beside them when it has them), in the table's columns."""
+    text = f"{row['psnr']:8.4f}  {'' if row['ssim'] is None else format(row['ssim'], '.4f'):>6}"
+    if "bm3d_psnr" in row:
+        text += f"  {row['bm3d_psnr']:9.4f}  {'' if row['bm3d_ssim'] is None else format(row['bm3d_ssim'], '.4f'):>6}"
+    return text
+
+
+def _mean_row(rows: list[dict]) -> dict:
+    """The "mean" row: each score column averaged over the rows (NaN PSNR when there are none)."""
+    if not rows:
+        return {"image": "mean", "psnr": math.nan, "ssim": None}
+    mean = {"image": "mean"}
+    for key in rows[0]:
+        if key != "image":
+            values = [r[key] for r in rows]
+            mean[key] = None if None in values else statistics.fmean(values)
+    return mean
+
+
+def _write_csv(path: Path, rows: list[dict], mean: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fmt = lambda v: "" if v is None else f"{v:.6f}"  # noqa: E731
+    fmt = lambda v: v if isinstance(v, str) else ("" if v is None else f"{v:.6f}")  # noqa: E731
     try:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["image", "psnr", "ssim"])
-            for r in rows:
-                w.writerow([r["image"], fmt(r["psnr"]), fmt(r["ssim"])])
-            w.writerow(["mean", fmt(mean_p), fmt(mean_s)])
+            w.writerow(list(mean))
+            for r in [*rows, mean]:
+                w.writerow([fmt(r[k]) for k in mean])
         os.replace(tmp, path)
     except OSError as e:
         try:
@@ -228,9 +263,11 @@ def add_parser(sub) -> None:
     e = sub.add_parser("eval", help="degrade a test set, restore it, print PSNR/SSIM",
                        description="Benchmark evaluation under the paper's protocols.",
                        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("--weights", metavar="W.pt", help="RNAN checkpoint")
-    e.add_argument("--baseline", action="store_true",
-                   help="no model: score the degraded input (bicubic upscale for sr)")
+    add_model_args(e, default_model=False)
+    e.add_argument("--baseline", nargs="?", const="input", choices=("input", "bm3d"),
+                   help="--baseline alone: score the degraded input, no model (bicubic upscale for sr); "
+                        "--baseline bm3d: BM3D / CBM3D given the true sigma (denoise_*; the optional bm3d "
+                        "package), alone or beside the model's columns on the same noisy images")
     e.add_argument("--task", required=True, choices=TASKS)
     e.add_argument("--sigma", type=float, help="noise level (denoise_*), 0..255 scale")
     e.add_argument("--quality", type=int, help="JPEG quality (car)")

@@ -1,4 +1,4 @@
-"""``rnan-fast restore``: restore image files or folders with a checkpoint."""
+"""``rnan-fast restore``: restore image files or folders with a checkpoint or a shipped model."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +9,15 @@ import numpy as np
 
 from rnan_fast import data as D
 from rnan_fast.cli.common import (EXIT_FAILURES, EXIT_OK, PROG, UserError, _add_runtime_args, _check_backend,
-                                  _check_runtime_args, _device, _err, _load_model, _progress, _report,
-                                  _restore_kwargs, _warn)
+                                  _check_runtime_args, _device, _err, _progress, _report, _warn)
+from rnan_fast.cli.models import add_model_args, load_net
+from rnan_fast.cli.tiling import ImageRunner
 
 RESTORE_EPILOG = """\
+Without --weights or --model, the default color denoiser that ships with rnan_fast runs (a note
+names it; `rnan-fast models` lists the others). On the CPU, images whose whole-image attention
+would take more than ~20 s run in overlapping 128-pixel tiles (said once; --whole forces whole
+images, --tile N chooses the tiles); a bar shows the tiles of an image that takes a while.
 The architecture (colours, scale, width, depth) is read from the checkpoint. A gray model gets
 RGB inputs converted with Pillow's convert('L') (ITU-R 601-2 luma, the paper's rgb2gray for gray
 denoising); an RGB model gets gray inputs replicated to three channels. SR models write the
@@ -83,7 +88,7 @@ def _fit_channels(img: np.ndarray, n_colors: int | None) -> tuple[np.ndarray, st
 
 
 def cmd_restore(args) -> int:
-    from rnan_fast.inference import DTYPES, model_colors, restore_image
+    from rnan_fast.inference import DTYPES, model_colors
 
     _check_runtime_args(args)
     device = _device(args.device)
@@ -91,14 +96,14 @@ def cmd_restore(args) -> int:
     outdir = Path(args.output)
     outputs = _plan_outputs(inputs, outdir, args.overwrite)
     _check_backend(args.backend, device, args.precision)
-    net = _load_model(args.weights, device, args.precision, args.trust_checkpoint)
+    net, _ = load_net(args, device)
     n_colors = model_colors(net)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the output folder {outdir}: {e.strerror or e}") from None
     failures, notes = [], set()
-    kwargs = _restore_kwargs(args)
+    runner = ImageRunner(args, net, device, DTYPES[args.precision])
     bar = _progress(zip(inputs, outputs), len(inputs), "restore", args.quiet)
     for src, dst in bar:
         try:
@@ -112,7 +117,7 @@ def cmd_restore(args) -> int:
             notes.add(note)
             _report(f"{PROG}: note: {note} for this {n_colors}-channel model (first: {src})", args.quiet)
         try:
-            out = restore_image(net, img, device=device, dtype=DTYPES[args.precision], **kwargs)
+            out = runner.run(img, src)
         except (RuntimeError, ValueError, ArithmeticError) as e:
             hint = "; try --tile 256" if "out of memory" in str(e).lower() else ""
             _report(f"{PROG}: failed on {src}: {str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}",
@@ -138,7 +143,7 @@ def add_parser(sub) -> None:
                        description="Restore images with an RNAN checkpoint; PNG outputs named after the inputs.",
                        epilog=RESTORE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
-    r.add_argument("--weights", required=True, metavar="W.pt", help="RNAN checkpoint (official state dict)")
+    add_model_args(r, default_model=True)
     r.add_argument("-o", "--output", default="restored", metavar="OUTDIR",
                    help="output folder (default ./restored)")
     r.add_argument("--overwrite", action="store_true", help="replace existing outputs")

@@ -1,0 +1,97 @@
+"""``rnan-fast models``: the shipped models with their measured PSNR; and the --weights / --model
+choice that restore, eval and demo share (a checkpoint file, or a shipped model by name)."""
+from __future__ import annotations
+
+import argparse
+
+from rnan_fast.cli.common import EXIT_OK, PROG, UserError, _load_model, _report
+
+
+def add_model_args(p: argparse.ArgumentParser, default_model: bool) -> None:
+    """--weights W.pt | --model NAME; default_model: without either, the default color denoiser."""
+    from rnan_fast.weights import DEFAULT_MODEL
+
+    g = p.add_argument_group("model")
+    g.add_argument("--weights", metavar="W.pt", help="RNAN checkpoint file (official state dict or a "
+                   "rnan-fast train checkpoint)")
+    default = f" (default: {DEFAULT_MODEL})" if default_model else ""
+    g.add_argument("--model", metavar="NAME", help=f"a model shipped with rnan_fast{default}; "
+                   f"`{PROG} models` lists them")
+
+
+def describe_noise(card: dict) -> str:
+    noise = card["noise"]
+    kind = noise.get("type", "gaussian")
+    if "sigma" in noise:
+        return f"{kind} sigma {noise['sigma']:g}"
+    lo, hi = noise["sigma_range"]
+    return f"{kind} sigma {lo:g}-{hi:g}"
+
+
+def load_net(args, device, default_model: bool = True):
+    """The model the command asked for, in eval mode on `device` and --precision:
+    --weights (a checkpoint file), --model NAME, else (default_model) the default color
+    denoiser. Returns (net, card or None). A shipped model is announced on stderr."""
+    from rnan_fast import weights
+    from rnan_fast.inference import DTYPES
+
+    if args.weights is not None and args.model is not None:
+        raise UserError("give --weights W.pt or --model NAME, not both")
+    if args.weights is not None:
+        return _load_model(args.weights, device, args.precision, args.trust_checkpoint), None
+    name = args.model
+    if name is None:
+        if not default_model:
+            raise UserError("no model given: pass --weights W.pt or --model NAME")
+        name = weights.DEFAULT_MODEL
+        if not (weights.folder() / f"{name}.json").is_file():
+            raise UserError(f"no --weights or --model given, and the default model {name!r} does not ship "
+                            f"in {weights.folder()} yet; pass --weights W.pt (`{PROG} models` lists what ships)")
+    try:
+        card = weights.card(name)
+        net = weights.load(name, device)
+    except ValueError as e:  # WeightsError, or CheckpointError from a file that does not load
+        raise UserError(str(e)) from None
+    _report(f"{PROG}: note: model {name}: {card['task']}, {describe_noise(card)}, {net.describe()}",
+            getattr(args, "quiet", False))
+    return net.to(dtype=DTYPES[args.precision]), card
+
+
+def _measured(card: dict) -> str:
+    """The card's sigma-30 rows (else its first rows), e.g. "CBSD68 s30 30.12 (BM3D 29.85)"."""
+    rows = card.get("measured") or []
+    if not rows:
+        return "not measured"
+    chosen = [r for r in rows if r.get("sigma") == 30] or rows[:2]
+    parts = []
+    for r in chosen:
+        bm3d = f" (BM3D {r['bm3d_psnr']:.2f})" if r.get("bm3d_psnr") is not None else ""
+        parts.append(f"{r['set']} s{r['sigma']:g} {r['psnr']:.2f}{bm3d}")
+    return ", ".join(parts)
+
+
+def cmd_models(args) -> int:
+    from rnan_fast import weights
+
+    try:
+        cards = weights.available()
+    except weights.WeightsError as e:
+        raise UserError(str(e)) from None
+    if not cards:
+        print(f"# no model ships in {weights.folder()} yet")
+        return EXIT_OK
+    print(f"# models in {weights.folder()} (* = the default of restore and demo); PSNR in dB")
+    width = max(len(n) for n in cards) + 2
+    print(f"{'name':<{width}}  {'task':<12}  {'noise':<20}  {'size':>8}  measured PSNR")
+    for name, c in cards.items():
+        mark = "*" if name == weights.DEFAULT_MODEL else " "
+        size = f"{c['size'] / 2**20:.1f} MiB"
+        print(f"{mark}{name:<{width - 1}}  {c['task']:<12}  {describe_noise(c):<20}  {size:>8}  {_measured(c)}")
+    return EXIT_OK
+
+
+def add_parser(sub) -> None:
+    m = sub.add_parser("models", help="list the shipped models with their measured PSNR",
+                       description="The models that ship with rnan_fast (rnan_fast/weights, or "
+                                   "$RNAN_FAST_WEIGHTS_DIR), from their model cards; MODEL_ZOO.md has the full tables.")
+    m.set_defaults(func=cmd_models)

@@ -1,0 +1,77 @@
+"""How restore and eval run one image: the user's --tile / --chop / --whole, else CPU auto-tiling
+(rnan_fast.inference.auto_tile), with a per-call progress bar inside the image."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from rnan_fast.cli.common import PROG, _report, _restore_kwargs
+
+# A bar inside an image appears only once the image has run this long (tqdm's delay), so quick
+# images print nothing beyond the per-image bar.
+PROGRESS_DELAY_S = 3.0
+
+
+class ImageRunner:
+    """restore_image with the command's options; `run(img, name)` -> uint8 output."""
+
+    def __init__(self, args, net, device, dtype):
+        self.args, self.net, self.device, self.dtype = args, net, device, dtype
+        self.kwargs = _restore_kwargs(args)
+        self.told = False
+        # auto-tiling only when nothing was chosen: no --tile, --chop or --whole
+        self.auto = args.tile is None and not args.chop and not args.whole
+
+    def options(self, img: np.ndarray, name) -> dict:
+        """restore_image keywords for this image (tile chosen here when auto-tiling applies);
+        the first auto-tiled image is announced once, with the way to force whole images."""
+        from rnan_fast.inference import AUTO_TILE_SCORES, CPU_NS_PER_SCORE, attention_scores, auto_tile
+
+        kwargs = dict(self.kwargs)
+        if not self.auto:
+            return kwargs
+        h, w = img.shape[:2]
+        tile = auto_tile(self.net, h, w, self.device)
+        if tile is None:
+            return kwargs
+        kwargs["tile"] = tile
+        if not self.told:
+            self.told = True
+            seconds = attention_scores(self.net, h, w) * CPU_NS_PER_SCORE * 1e-9
+            limit = AUTO_TILE_SCORES * CPU_NS_PER_SCORE * 1e-9
+            _report(f"{PROG}: note: whole-image attention on the CPU grows with (H*W)^2: {name} ({w}x{h}) "
+                    f"would need ~{_duration(seconds)} of it, so images past ~{_duration(limit)} of attention "
+                    f"run in overlapping {tile}x{tile} tiles (overlap {kwargs['overlap']}); pass --whole for "
+                    f"whole-image inference, or --tile N for other tiles", self.args.quiet)
+        return kwargs
+
+    def run(self, img: np.ndarray, name) -> np.ndarray:
+        from tqdm import tqdm
+
+        from rnan_fast.inference import restore_image
+
+        kwargs = self.options(img, name)
+        unit = "tile" if kwargs["tile"] is not None else ("quadrant" if kwargs["chop"] else "pass")
+        bar = None
+
+        def progress(done: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = tqdm(total=total, desc=getattr(name, "name", str(name)), unit=unit, leave=False,
+                           delay=PROGRESS_DELAY_S, disable=self.args.quiet, file=sys.stderr, dynamic_ncols=True)
+            bar.update(done - bar.n)
+
+        try:
+            return restore_image(self.net, img, device=self.device, dtype=self.dtype, progress=progress, **kwargs)
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
