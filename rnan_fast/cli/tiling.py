@@ -35,7 +35,8 @@ class ImageRunner:
         tile = auto_tile(self.net, h, w, self.device)
         if tile is None:
             return kwargs
-        kwargs["tile"] = tile
+        # the overlap of --tile-overlap, at most half a tile (it may exceed the automatic tile)
+        kwargs["tile"], kwargs["overlap"] = tile, min(kwargs["overlap"], tile // 2)
         if not self.told:
             self.told = True
             seconds = attention_scores(self.net, h, w) * CPU_NS_PER_SCORE * 1e-9
@@ -57,6 +58,8 @@ class ImageRunner:
 
         def progress(done: int, total: int) -> None:
             nonlocal bar
+            if total == 1:  # one whole-image pass: nothing to count inside it
+                return
             if bar is None:
                 bar = tqdm(total=total, desc=getattr(name, "name", str(name)), unit=unit, leave=False,
                            delay=PROGRESS_DELAY_S, disable=self.args.quiet, file=sys.stderr, dynamic_ncols=True)
