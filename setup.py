@@ -56,7 +56,9 @@ def extensions():
 
 
 setup(
-    packages=["rnan_fast", "rnan_fast.cli", "rnan_fast.ops", "rnan_fast.train", "rnan_fast.kernels"],
+    packages=["rnan_fast", "rnan_fast.cli", "rnan_fast.ops", "rnan_fast.train", "rnan_fast.weights",
+              "rnan_fast.kernels"],
+    package_data={"rnan_fast.weights": ["*.pt", "*.json"]},  # the shipped models and their cards
     package_dir={"rnan_fast.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
