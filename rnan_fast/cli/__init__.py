@@ -29,6 +29,10 @@ or input errors (an unwritable --csv included), 130 interrupt.
 on tiny tensors first and refused up front where its kernels cannot run. --trust-checkpoint loads
 checkpoints that pickle Python objects (torch.load with weights_only=False): trusted files only.
 
+Under `torchrun --nproc_per_node=K -m rnan_fast restore|eval ...` each process takes every K-th
+image (--device cuda: the GPU of its LOCAL_RANK); eval's table and means are gathered on rank 0,
+which alone prints them and writes --csv. `train` under torchrun: see its help.
+
 Layout: one module per subcommand (restore, eval, train, bench), each with add_parser(subparsers) and
 its cmd_* function; rnan_fast.cli.common holds what they share (UserError, exit codes, the
 device, the model load, the progress bar).
@@ -81,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return EXIT_INTERRUPT
+    finally:
+        from rnan_fast.train import distributed
+
+        distributed.shutdown()  # the process group a command joined under torchrun, if any
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -84,6 +84,19 @@ def _device(name: str):
     raise UserError(f"--device must be cpu or cuda (or cuda:N), got {name!r}")
 
 
+def _distributed(name: str):
+    """This process's rnan_fast.train.distributed.Dist: under torchrun (WORLD_SIZE > 1) the process
+    group is joined and a --device cuda process takes the GPU of its LOCAL_RANK; otherwise rank
+    0 of 1 on _device(name)."""
+    from rnan_fast.train import distributed
+
+    device = _device(name)
+    try:
+        return distributed.init(str(device) if distributed.env_world_size() <= 1 else name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def _load_model(weights: str, device, precision: str, trust: bool = False):
     """RNAN.from_checkpoint with user-level errors; the model is in eval mode on device/dtype.
     trust: --trust-checkpoint (torch.load with weights_only=False)."""

@@ -16,7 +16,7 @@ from rnan_fast import data as D
 from rnan_fast.cli.models import add_model_args, load_net
 from rnan_fast.cli.tiling import ImageRunner
 from rnan_fast.cli.common import (EXIT_FAILURES, EXIT_OK, PROG, UserError, _add_runtime_args, _check_backend,
-                                  _check_runtime_args, _device, _err, _progress, _report)
+                                  _check_runtime_args, _distributed, _err, _progress, _report)
 from rnan_fast.data import TASK_COLORS, TASKS
 
 EVAL_EPILOG = """\
@@ -143,8 +143,9 @@ def cmd_eval(args) -> int:
         files = files[: args.limit]
     net = None
     device = None
+    d = _distributed(args.device if model_given else "cpu")  # torchrun: each rank scores a share
     if model_given:
-        device = _device(args.device)
+        device = d.device
         _task_params(args, None, model_pending=True)  # option errors before the (slow) model load
         _check_backend(args.backend, device, args.precision)
         net, _ = load_net(args, device, default_model=False)
@@ -155,12 +156,15 @@ def cmd_eval(args) -> int:
            None: ""}[args.baseline if net is None else None]
     if net is not None:
         who = net.describe() + (", beside BM3D (CBM3D for color) given the true sigma" if bm3d_beside else "")
-    print(f"# {_describe_task(p, args)}; data {args.data} ({len(files)} images); {who}")
     width = max(12, max(len(f.name) for f in files))
-    print(f"{'image':<{width}}  {'PSNR':>8}  {'SSIM':>6}" + (f"  {'BM3D PSNR':>9}  {'SSIM':>6}" if bm3d_beside else ""))
-    rows, failures = [], []
+    if d.main:
+        processes = f", {d.world_size} processes" if d.active else ""
+        print(f"# {_describe_task(p, args)}; data {args.data} ({len(files)} images{processes}); {who}")
+        print(f"{'image':<{width}}  {'PSNR':>8}  {'SSIM':>6}" + (f"  {'BM3D PSNR':>9}  {'SSIM':>6}" if bm3d_beside else ""))
+    rows, failures = [], []  # rows: (index in the file list, row)
     t0 = time.perf_counter()
-    for index, path in enumerate(_progress(files, len(files), "eval", args.quiet)):
+    mine = list(enumerate(files))[d.rank::d.world_size]
+    for index, path in _progress(mine, len(mine), "eval", args.quiet or not d.main):
         try:
             img = D.read_image(path)
             gt, lq = _degrade(img, index, p, args)
@@ -190,8 +194,16 @@ def cmd_eval(args) -> int:
         if bm3d_beside:  # the very same noisy image through BM3D, scored alike
             row["bm3d_psnr"], row["bm3d_ssim"] = evaluate(gt, bm3d_denoise(lq, p["sigma"]), p["task"],
                                                           with_ssim=not args.no_ssim)
-        rows.append(row)
-        _report(f"{path.name:<{width}}  {_scores_text(row)}", args.quiet, file=sys.stdout)
+        rows.append((index, row))
+        if not d.active:
+            _report(f"{path.name:<{width}}  {_scores_text(row)}", args.quiet, file=sys.stdout)
+    if d.active:  # the ranks scored interleaved shares: rank 0 prints the whole table in file order
+        rows, failures = sorted(d.gather_lists(rows), key=lambda r: r[0]), d.gather_lists(failures)
+        if not d.main:
+            return EXIT_FAILURES if failures else EXIT_OK
+        for _, row in rows:
+            print(f"{row['image']:<{width}}  {_scores_text(row)}")
+    rows = [row for _, row in rows]
     mean = _mean_row(rows)
     if rows:
         print(f"{'mean':<{width}}  {_scores_text(mean)}")

@@ -9,7 +9,7 @@ import numpy as np
 
 from rnan_fast import data as D
 from rnan_fast.cli.common import (EXIT_FAILURES, EXIT_OK, PROG, UserError, _add_runtime_args, _check_backend,
-                                  _check_runtime_args, _device, _err, _progress, _report, _warn)
+                                  _check_runtime_args, _distributed, _err, _progress, _report, _warn)
 from rnan_fast.cli.models import add_model_args, load_net
 from rnan_fast.cli.tiling import ImageRunner
 
@@ -91,7 +91,8 @@ def cmd_restore(args) -> int:
     from rnan_fast.inference import DTYPES, model_colors
 
     _check_runtime_args(args)
-    device = _device(args.device)
+    d = _distributed(args.device)  # under torchrun, each rank restores every world_size-th input
+    device = d.device
     inputs = _collect_inputs(args.inputs)
     outdir = Path(args.output)
     outputs = _plan_outputs(inputs, outdir, args.overwrite)
@@ -104,7 +105,8 @@ def cmd_restore(args) -> int:
         raise UserError(f"cannot create the output folder {outdir}: {e.strerror or e}") from None
     failures, notes = [], set()
     runner = ImageRunner(args, net, device, DTYPES[args.precision])
-    bar = _progress(zip(inputs, outputs), len(inputs), "restore", args.quiet)
+    mine = list(zip(inputs, outputs))[d.rank::d.world_size]
+    bar = _progress(mine, len(mine), "restore", args.quiet or not d.main)
     for src, dst in bar:
         try:
             img = D.read_image(src)
@@ -129,6 +131,9 @@ def cmd_restore(args) -> int:
         except OSError as e:
             _report(f"{PROG}: cannot write {dst}: {e}", args.quiet)
             failures.append(src)
+    failures = d.gather_lists(failures)
+    if not d.main:
+        return EXIT_FAILURES if failures else EXIT_OK
     done = len(inputs) - len(failures)
     print(f"{PROG}: restored {done} of {len(inputs)} image(s) into {outdir}", file=sys.stderr)
     if failures:

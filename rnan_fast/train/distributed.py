@@ -52,6 +52,14 @@ class Dist:
         """True on every rank when any rank passes True (e.g. a signal that reached one rank)."""
         return bool(self.all_reduce_sum([float(flag)])[0]) if self.active else flag
 
+    def gather_lists(self, items: list) -> list:
+        """The concatenation of every rank's `items` (rank order), on every rank."""
+        if not self.active:
+            return list(items)
+        boxes = [None] * self.world_size
+        dist.all_gather_object(boxes, list(items))
+        return [x for box in boxes for x in box]
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
