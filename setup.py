@@ -4,7 +4,8 @@ setup.py imports torch, so install with `pip install --no-build-isolation -e .` 
 build environment would download a second, different torch to compile against).
 
 Environment:
-  CUDA_HOME              the CUDA toolkit (default: /usr/local/cuda when it exists)
+  CUDA_HOME              the CUDA toolkit (default: what torch.utils.cpp_extension finds, i.e.
+                         CUDA_PATH, the toolkit of `which nvcc`, or /usr/local/cuda)
   TORCH_CUDA_ARCH_LIST   GPU architectures to compile for (default "9.0": H100/H200); no GPU needed
   RNAN_FAST_NO_CUDA=1    build the C++ kernels only
 """
@@ -15,19 +16,33 @@ import sys
 from setuptools import setup
 
 import torch
+from torch.utils import cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _cuda_home():
-    # Decide from torch.version.cuda and the toolkit, never from a visible GPU: CI has none.
+def _is_toolkit(home):
+    return bool(home) and all(os.path.exists(os.path.join(home, *p)) for p in (("bin", "nvcc"),
+                                                                              ("include", "cuda_runtime.h")))
+
+
+def cuda_home():
+    """The CUDA toolkit to compile the CUDA kernels with, or None (C++ kernels only).
+
+    Decided from torch.version.cuda (a CUDA build of PyTorch) and a toolkit, never from a visible
+    GPU: CI compiles them without one. The toolkit is the one torch.utils.cpp_extension found
+    (CUDA_HOME or CUDA_PATH, else the parent of `which nvcc`, else /usr/local/cuda) if it holds
+    nvcc and the runtime headers; when neither variable is set and that guess is no toolkit (an
+    nvcc wrapper script in /usr/local/bin makes it /usr/local), /usr/local/cuda.
+    RNAN_FAST_NO_CUDA=1: None.
+    """
     if os.environ.get("RNAN_FAST_NO_CUDA", "0") not in ("", "0") or torch.version.cuda is None:
         return None
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if not home and os.path.exists("/usr/local/cuda/bin/nvcc"):
-        home = "/usr/local/cuda"
-    return home if home and os.path.exists(os.path.join(home, "bin", "nvcc")) else None
+    candidates = [cpp_extension.CUDA_HOME]
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+        candidates.append("/usr/local/cuda")
+    return next((home for home in candidates if _is_toolkit(home)), None)
 
 
 def extensions():
@@ -40,9 +55,11 @@ def extensions():
         # time libgomp.so.1 resolves to the one torch has already loaded (one OpenMP runtime).
         cxx.append("-fopenmp")
         link.append("-fopenmp")
-    cuda_home = _cuda_home()
-    if cuda_home and cu:
-        os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension when it compiles
+    home = cuda_home()
+    print(f"rnan_fast: CUDA kernels {'with ' + home if home else 'not built'} (torch.version.cuda "
+          f"{torch.version.cuda}, torch's CUDA_HOME {cpp_extension.CUDA_HOME})", file=sys.stderr)
+    if home and cu:
+        cpp_extension.CUDA_HOME = home  # the toolkit torch.utils.cpp_extension compiles with
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         return [CUDAExtension(
             "rnan_fast._C", cpp + cu,

@@ -7,10 +7,12 @@ against a float64 reference is at most twice that of PyTorch computing in the sa
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ import rnan_fast
 from rnan_fast import _backend, _ext, reference
 from rnan_fast.ops import gated_residual
 
+REPO = Path(__file__).resolve().parents[1]
 gr_module = sys.modules["rnan_fast.ops.gated_residual"]
 fwd_op = torch.ops.rnan_fast.gated_residual_fwd if _ext.EXTENSION else None
 bwd_op = torch.ops.rnan_fast.gated_residual_bwd if _ext.EXTENSION else None
@@ -89,17 +92,77 @@ def check_against_reference(x, m, t, g, what=""):
 
 # ---- build and dispatch ------------------------------------------------------------------------
 
-def _cuda_build_expected() -> bool:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    return (torch.version.cuda is not None and os.path.exists(os.path.join(home, "bin", "nvcc"))
-            and os.environ.get("RNAN_FAST_NO_CUDA", "0") in ("", "0"))
+def load_setup(monkeypatch):
+    """(setup.py as a module, the keyword arguments it passed to setuptools.setup), imported with
+    setuptools.setup recorded instead of run; torch's CUDA_HOME and the arch list are restored after."""
+    import setuptools
+    from torch.utils import cpp_extension
+
+    calls = []
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"))
+    monkeypatch.chdir(REPO)                      # setup.py globs csrc/ from the working directory
+    spec = importlib.util.spec_from_file_location("rnan_fast_setup", REPO / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, calls[0]
 
 
-def test_backend_info_reports_extension():
+def test_backend_info_reports_extension(monkeypatch):
     info = rnan_fast.backend_info()
     assert info["extension"] is True and info["extension_error"] is None
-    if _cuda_build_expected():
-        assert info["extension_cuda"] is True, "a CUDA toolkit is here: the install should compile the CUDA kernels"
+    setup, _ = load_setup(monkeypatch)
+    if setup.cuda_home():
+        assert info["extension_cuda"] is True, (f"a CUDA toolkit is here ({setup.cuda_home()}): the install "
+                                                "should compile the CUDA kernels")
+
+
+def _fake_toolkit(root: Path, headers: bool = True) -> Path:
+    (root / "bin").mkdir(parents=True)
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\nexit 0\n")
+    nvcc.chmod(0o755)
+    if headers:
+        (root / "include").mkdir()
+        (root / "include" / "cuda_runtime.h").write_text("")
+    return root
+
+
+def test_setup_finds_cuda_like_torch_and_decides_without_a_gpu(monkeypatch, tmp_path):
+    """setup.py takes the toolkit torch.utils.cpp_extension finds (here: the only nvcc on PATH, no
+    CUDA_HOME), builds the CUDA kernels whenever torch.version.cuda is set whether or not a GPU is
+    visible, and not at all for a CPU build of torch, with RNAN_FAST_NO_CUDA=1, or when an explicit
+    CUDA_HOME is no toolkit."""
+    from torch.utils import cpp_extension
+
+    toolkit = _fake_toolkit(tmp_path / "toolkit")
+    wrapper = _fake_toolkit(tmp_path / "wrapper", headers=False)      # an nvcc script, no headers
+    for name in ("CUDA_HOME", "CUDA_PATH", "RNAN_FAST_NO_CUDA"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PATH", f"{toolkit / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    # What torch itself concludes in this environment (it decides once, at import: recompute it).
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension._find_cuda_home())
+    assert cpp_extension.CUDA_HOME == str(toolkit)
+    setup, kwargs = load_setup(monkeypatch)
+    assert setup.cuda_home() == str(toolkit)
+    (ext,) = kwargs["ext_modules"]
+    assert any(src.endswith(".cu") for src in ext.sources) and cpp_extension.CUDA_HOME == str(toolkit)
+    for visible in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: visible)
+        assert setup.cuda_home() == str(toolkit)
+    monkeypatch.setenv("RNAN_FAST_NO_CUDA", "1")
+    assert setup.cuda_home() is None
+    monkeypatch.delenv("RNAN_FAST_NO_CUDA")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert setup.cuda_home() is None
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setenv("CUDA_HOME", str(wrapper))
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension._find_cuda_home())
+    assert setup.cuda_home() is None
+    _, kwargs = load_setup(monkeypatch)
+    assert not any(src.endswith(".cu") for src in kwargs["ext_modules"][0].sources)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -158,6 +221,25 @@ def test_extreme_logits_and_nan():
     assert math.isnan(gm[0].item()) and math.isnan(gt[0].item())
     torch.testing.assert_close(gm[1:], rm[1:].float(), rtol=1e-5, atol=1e-37)
     torch.testing.assert_close(gt[1:], rt[1:].float(), rtol=1e-6, atol=1e-37)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_sigmoid_accurate_at_extreme_logits(device):
+    """s = sigmoid(v) (forward with x = 0, t = 1), s (1 - s) and s (backward with g = t = 1) within
+    6e-7 relative (5 ulp) of float64 for every v in [-87, 87] (beyond, s or 1 - s leaves fp32's
+    normal range). CUDA's __expf intrinsic (ex2.approx of v log2 e) fails this from |v| ~ 20 on:
+    rounding v log2 e alone costs up to 3.8e-6 at |v| = 87; expf (2 ulp) passes."""
+    gen = torch.Generator().manual_seed(0)
+    v = torch.linspace(-87, 87, 1_000_001) + (torch.rand(1_000_001, generator=gen) - 0.5) * 1e-3
+    v = v.clamp(-87, 87).to(device)
+    one = torch.ones_like(v)
+    s = fwd_op(torch.zeros_like(v), v, one)
+    gm, gt = bwd_op(one, v, one)
+    s64 = torch.sigmoid(v.double())
+    for name, ours, exact in (("s", s, s64), ("s (1 - s)", gm, s64 * torch.sigmoid(-v.double())), ("grad_trunk", gt, s64)):
+        rel = ((ours.double() - exact) / exact).abs()
+        worst = rel.argmax()
+        assert rel.max().item() <= 6e-7, f"{device} {name}: relative error {rel.max().item():.2e} at v = {v[worst].item()}"
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
