@@ -245,21 +245,24 @@ class TrainStep:
             self.model.train()
         if not self.uses_cuda_graph:
             return self._eager_step(self._prepare(lr_batch), self._prepare(hr_batch))
-        if self._graph is None:
-            self._capture(self._prepare(lr_batch), self._prepare(hr_batch))
-        else:
-            static_lr, static_hr, _ = self._static
-            if lr_batch.shape != static_lr.shape or hr_batch.shape != static_hr.shape:
-                raise ValueError(f"train step: the CUDA graph was captured for lr {tuple(static_lr.shape)} / hr "
-                                 f"{tuple(static_hr.shape)}, got lr {tuple(lr_batch.shape)} / hr "
-                                 f"{tuple(hr_batch.shape)}; keep batches one shape (DataLoader drop_last=True) "
-                                 "or use cuda_graph=False")
-            # copy_ converts device, dtype and layout on the way into the static buffers
-            static_lr.copy_(lr_batch, non_blocking=True)
-            static_hr.copy_(hr_batch, non_blocking=True)
-        self._graph.replay()
-        # A copy: the static loss buffer is overwritten by the next replay.
-        return self._static[2].clone()
+        # The model's GPU, whatever device is current: the capture's side stream, its memory pool
+        # and the kernels' launches all follow the current device (model on cuda:1, cuda:0 current).
+        with torch.cuda.device(self.device):
+            if self._graph is None:
+                self._capture(self._prepare(lr_batch), self._prepare(hr_batch))
+            else:
+                static_lr, static_hr, _ = self._static
+                if lr_batch.shape != static_lr.shape or hr_batch.shape != static_hr.shape:
+                    raise ValueError(f"train step: the CUDA graph was captured for lr {tuple(static_lr.shape)} / hr "
+                                     f"{tuple(static_hr.shape)}, got lr {tuple(lr_batch.shape)} / hr "
+                                     f"{tuple(hr_batch.shape)}; keep batches one shape (DataLoader drop_last=True) "
+                                     "or use cuda_graph=False")
+                # copy_ converts device, dtype and layout on the way into the static buffers
+                static_lr.copy_(lr_batch, non_blocking=True)
+                static_hr.copy_(hr_batch, non_blocking=True)
+            self._graph.replay()
+            # A copy: the static loss buffer is overwritten by the next replay.
+            return self._static[2].clone()
 
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: str | Callable = "mse",
