@@ -1,17 +1,24 @@
 """The ``rnan-fast`` command line (also ``python -m rnan_fast``).
 
-    rnan-fast restore --weights W.pt [-o OUTDIR] [--device cpu|cuda] [--precision fp32|bf16|fp16]
-                      [--tile N [--tile-overlap P] | --chop] [--self-ensemble] [--overwrite]
-                      [--backend auto|reference|fast] [--trust-checkpoint] INPUT...
-    rnan-fast eval    (--weights W.pt | --baseline) --task denoise_gray|denoise_rgb|car|demosaic|sr
+    rnan-fast restore [--weights W.pt | --model NAME] [-o OUTDIR] [--device cpu|cuda]
+                      [--precision fp32|bf16|fp16] [--tile N [--tile-overlap P] | --chop | --whole]
+                      [--self-ensemble] [--overwrite] [--backend auto|reference|fast]
+                      [--trust-checkpoint] INPUT...
+    rnan-fast eval    (--weights W.pt | --model NAME | --baseline [bm3d]) [--baseline bm3d]
+                      --task denoise_gray|denoise_rgb|car|demosaic|sr
                       [--sigma S | --quality Q | --scale s] --data DIR [--limit N] [--csv FILE]
                       [--self-ensemble] [--chop | --tile N] [--seed K] [--quantize-noisy] ...
     rnan-fast train   --task TASK [--sigma S | --sigma-range A B | --quality Q | --scale s]
                       --data DIR... --out RUN_DIR [--resume] [--val DIR...] [--steps N] ...
                       (see `rnan-fast train --help`; torchrun --nproc_per_node=K -m rnan_fast train ...)
+    rnan-fast demo    [-o OUTDIR] [--image astronaut|coffee|chelsea] [--crop N] [--sigma S] [--seed K]
+    rnan-fast models
     rnan-fast bench   [--device cpu|cuda] [--quick] [--repeat N]
 
-restore: INPUT are image files or folders (their images, not recursive). The architecture comes
+restore: INPUT are image files or folders (their images, not recursive). The model: --weights
+(a checkpoint), --model (a shipped one: `models`), else the default color denoiser that ships
+(rnan_fast.weights). On the CPU, images whose whole-image attention would take more than ~20 s
+run in overlapping tiles unless --whole (rnan_fast.inference.auto_tile). The architecture comes
 from the checkpoint. A gray model (n_colors=1) gets RGB inputs converted with Pillow's
 convert('L') (ITU-R 601-2 luma, as gray Kodak24 is made); an RGB model gets gray inputs with the
 channel replicated. Output: OUTDIR/<input stem>.png, at the model's scale, rounded and clamped to
@@ -33,9 +40,10 @@ Under `torchrun --nproc_per_node=K -m rnan_fast restore|eval ...` each process t
 image (--device cuda: the GPU of its LOCAL_RANK); eval's table and means are gathered on rank 0,
 which alone prints them and writes --csv. `train` under torchrun: see its help.
 
-Layout: one module per subcommand (restore, eval, train, bench), each with add_parser(subparsers) and
-its cmd_* function; rnan_fast.cli.common holds what they share (UserError, exit codes, the
-device, the model load, the progress bar).
+Layout: one module per subcommand (restore, eval, train, demo, models, bench), each with
+add_parser(subparsers) and its cmd_* function; rnan_fast.cli.common holds what they share
+(UserError, exit codes, the device, the checkpoint load, the progress bar), models the
+--weights / --model choice, tiling how one image runs (auto-tiling, the bar inside an image).
 """
 from __future__ import annotations
 
