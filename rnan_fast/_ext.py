@@ -13,6 +13,7 @@ import torch
 
 EXTENSION = False          # rnan_fast._C loaded (its C++ CPU kernels are there)
 EXTENSION_CUDA = False     # rnan_fast._C was compiled with its CUDA kernels
+EXTENSION_ATTENTION = False  # rnan_fast._C has the C++ CPU non-local attention kernel
 EXTENSION_ERROR = ""
 if importlib.util.find_spec("rnan_fast._C") is None:
     EXTENSION_ERROR = "rnan_fast._C is not built: install with `pip install --no-build-isolation -e .`"
@@ -21,6 +22,8 @@ else:
         _C = importlib.import_module("rnan_fast._C")  # registers the torch.ops.rnan_fast.*_fwd/_bwd kernels
         EXTENSION = True
         EXTENSION_CUDA = bool(_C.cuda_compiled())
+        EXTENSION_ATTENTION = torch._C._dispatch_has_kernel_for_dispatch_key(
+            "rnan_fast::nonlocal_attention_fwd", "CPU")   # False for a build that predates it
     except Exception as e:  # an ABI mismatch (built against another torch) surfaces as ImportError/OSError
         EXTENSION_ERROR = f"rnan_fast._C failed to load: {type(e).__name__}: {e}"
 
@@ -65,6 +68,8 @@ def backend_info() -> dict:
         "backend": get_backend(),
         "extension": EXTENSION,
         "extension_cuda": EXTENSION_CUDA,
+        "extension_attention_cpu": EXTENSION_ATTENTION,   # the C++ CPU attention kernel
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "extension_error": EXTENSION_ERROR or None,
         "triton": triton_available(),
         "triton_error": triton_error() or None,

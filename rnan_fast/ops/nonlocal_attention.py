@@ -1,16 +1,22 @@
 """rnan_fast.ops.nonlocal_attention: registration, autograd and dispatch.
 
-Math: ../reference.py (module docstring). Kernels: "reference" (blocked PyTorch, any device)
-and "triton" (rnan_fast.kernels.nonlocal_attention: CUDA tensors, or CPU tensors under
-TRITON_INTERPRET=1).
+Math: ../reference.py (module docstring). Kernels:
+  "reference"  blocked PyTorch, any device and float dtype (float64 for the tests' ground truth);
+  "extension"  the C++ CPU kernel in rnan_fast._C (csrc/nonlocal_attention.cpp): CPU tensors,
+               float32 / bfloat16, any head dim; reached as torch.ops.rnan_fast.nonlocal_attention_fwd
+               / _bwd (fakes and autograd registered here too, so they also work on their own);
+  "triton"     rnan_fast.kernels.nonlocal_attention: CUDA tensors, or CPU tensors under
+               TRITON_INTERPRET=1; head dims 16, 32, 64, fp32 / fp16 / bf16.
+"auto" takes the Triton kernel for CUDA tensors and the extension for CPU tensors where they
+apply, the reference elsewhere (float64, fp16 on the CPU, head dims Triton lacks). An explicit
+"triton" or "extension" (or "fast") raises instead: RuntimeError when the kernel cannot run here
+(not built, wrong device), TypeError / ValueError for a dtype or head dim it does not take.
 
 The op's second output ("lse", non-differentiable, only consumed by the same backend's backward)
-is the softmax normaliser: (B, N) natural-log LSE for "reference"; for "triton" the split
-statistics (2, B, N) fp32 = (max score, log2 of the shifted sum), see the kernel module's docstring
-(`rnan_fast.kernels.nonlocal_attention.lse_natural` converts). Per query for "key", per key for
-"query".
-The Triton kernel takes head dims 16, 32, 64 and fp32 / fp16 / bf16; backend="triton" raises a
-ValueError / TypeError for anything else, while "auto" falls back to the reference there.
+is the softmax normaliser: (B, N) natural-log LSE for "reference"; for "triton" and "extension"
+the split statistics (2, B, N) fp32 = (max score, log2 of the shifted sum), see the Triton
+kernel module's docstring (`rnan_fast.kernels.nonlocal_attention.lse_natural` converts). Per
+query for "key", per key for "query".
 """
 from __future__ import annotations
 
@@ -18,6 +24,10 @@ import torch
 from torch import Tensor
 
 from rnan_fast import _backend, _ext, reference
+
+# The dtypes of the C++ CPU kernel (math in fp32 for both).
+EXTENSION_DTYPES = (torch.float32, torch.bfloat16)
+_SPLIT_STATS = ("triton", "extension")   # backends whose "lse" is the (2, B, N) split statistics
 
 
 def _triton_why_not(theta: Tensor, phi: Tensor, g: Tensor, explicit: bool) -> str:
@@ -35,12 +45,30 @@ def _triton_why_not(theta: Tensor, phi: Tensor, g: Tensor, explicit: bool) -> st
     return ""
 
 
+def _extension_why_not(theta: Tensor, explicit: bool) -> str:
+    if not _ext.EXTENSION_ATTENTION:
+        return f"the extension's CPU attention kernel is not built ({_ext.EXTENSION_ERROR or 'rnan_fast._C predates it'})"
+    if theta.device.type != "cpu":
+        return f"the extension's attention kernel runs on CPU tensors (got {theta.device}; CUDA tensors use Triton)"
+    if not explicit and theta.dtype not in EXTENSION_DTYPES:
+        return f"the extension's attention kernel takes float32 or bfloat16 (got {theta.dtype})"
+    return ""
+
+
+def _check_extension_dtype(theta: Tensor) -> None:
+    if theta.dtype not in EXTENSION_DTYPES:
+        raise TypeError(f"nonlocal_attention: backend 'extension' takes float32 or bfloat16 CPU tensors, got "
+                        f"{theta.dtype} (float64 and float16 run on backend 'reference')")
+
+
 @torch.library.custom_op("rnan_fast::nonlocal_attention", mutates_args=())
 def _forward(theta: Tensor, phi: Tensor, g: Tensor, softmax_over: str, backend: str) -> tuple[Tensor, Tensor]:
     if backend == "triton":
         from rnan_fast.kernels import nonlocal_attention as kernel
 
         return kernel.forward(theta, phi, g, softmax_over)
+    if backend == "extension":
+        return torch.ops.rnan_fast.nonlocal_attention_fwd(theta, phi, g, softmax_over)
     out, lse = reference.nonlocal_attention_forward(theta, phi, g, softmax_over)
     return out.to(g.dtype), lse.to(reference.compute_dtype(g))
 
@@ -48,7 +76,7 @@ def _forward(theta: Tensor, phi: Tensor, g: Tensor, softmax_over: str, backend: 
 @_forward.register_fake
 def _(theta, phi, g, softmax_over, backend):
     B, N, _ = theta.shape
-    if backend == "triton":
+    if backend in _SPLIT_STATS:
         return g.new_empty(B, N, g.shape[-1]), g.new_empty(2, B, N, dtype=torch.float32)
     return g.new_empty(B, N, g.shape[-1]), g.new_empty(B, N, dtype=reference.compute_dtype(g))
 
@@ -60,6 +88,8 @@ def _backward_op(dout: Tensor, theta: Tensor, phi: Tensor, g: Tensor, lse: Tenso
         from rnan_fast.kernels import nonlocal_attention as kernel
 
         return kernel.backward(dout, theta, phi, g, lse, softmax_over, deterministic)
+    if backend == "extension":   # always deterministic (csrc/nonlocal_attention.cpp)
+        return torch.ops.rnan_fast.nonlocal_attention_bwd(dout.to(g.dtype), theta, phi, g, lse, softmax_over)
     return reference.nonlocal_attention_backward(dout, theta, phi, g, lse, softmax_over)
 
 
@@ -84,6 +114,39 @@ def _backward(ctx, dout, _dlse):
 
 
 _forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- the C++ ops on their own: fakes (torch.compile, opcheck) and autograd -----------------
+
+def _ext_fwd_fake(theta, phi, g, softmax_over):
+    torch._check(theta.dim() == 3 and theta.shape == phi.shape and g.dim() == 3 and g.shape[:2] == theta.shape[:2],
+                 lambda: f"rnan_fast::nonlocal_attention_fwd: shapes theta {tuple(theta.shape)}, phi "
+                         f"{tuple(phi.shape)}, g {tuple(g.shape)} do not fit (B, N, d), (B, N, d), (B, N, dv)")
+    B, N, _ = theta.shape
+    return g.new_empty(B, N, g.shape[-1]), g.new_empty(2, B, N, dtype=torch.float32)
+
+
+def _ext_bwd_fake(dout, theta, phi, g, stats, softmax_over):
+    return torch.empty_like(theta), torch.empty_like(phi), torch.empty_like(g)
+
+
+def _ext_setup_context(ctx, inputs, output):
+    theta, phi, g, softmax_over = inputs
+    ctx.save_for_backward(theta, phi, g, output[1])
+    ctx.softmax_over = softmax_over
+    ctx.mark_non_differentiable(output[1])
+
+
+def _ext_backward(ctx, dout, _dstats):
+    theta, phi, g, stats = ctx.saved_tensors
+    return (*torch.ops.rnan_fast.nonlocal_attention_bwd(dout, theta, phi, g, stats, ctx.softmax_over), None)
+
+
+if _ext.EXTENSION_ATTENTION:  # the C++ ops exist only when rnan_fast._C (with this kernel) loaded
+    torch.library.register_fake("rnan_fast::nonlocal_attention_fwd")(_ext_fwd_fake)
+    torch.library.register_fake("rnan_fast::nonlocal_attention_bwd")(_ext_bwd_fake)
+    torch.library.register_autograd("rnan_fast::nonlocal_attention_fwd", _ext_backward,
+                                    setup_context=_ext_setup_context)
 
 
 def _check_inputs(theta: Tensor, phi: Tensor, g: Tensor) -> None:
@@ -120,9 +183,16 @@ def nonlocal_attention(theta: Tensor, phi: Tensor, g: Tensor, softmax_over: str 
                          for t in (theta, phi, g))
     _check_inputs(theta, phi, g)
     reference.check_softmax_over(softmax_over)
-    kernel = _backend.resolve("nonlocal_attention", backend, "triton",
-                              lambda explicit: _triton_why_not(theta, phi, g, explicit))
-    if kernel == "triton":
+    # The fast family for these tensors: Triton on CUDA (or when named), the C++ kernel on the CPU.
+    requested = _backend.get_backend() if backend is None else backend
+    fast = requested if requested in ("triton", "extension") else ("extension" if theta.device.type == "cpu"
+                                                                   else "triton")
+    why_not = (lambda explicit: _extension_why_not(theta, explicit)) if fast == "extension" else \
+        (lambda explicit: _triton_why_not(theta, phi, g, explicit))
+    kernel = _backend.resolve("nonlocal_attention", requested, fast, why_not)
+    if kernel == "extension":
+        _check_extension_dtype(theta)
+    elif kernel == "triton":
         from rnan_fast.kernels import nonlocal_attention as triton_kernel
 
         triton_kernel.check_inputs(theta, phi, g, softmax_over)   # head dim / dtype: clear errors

@@ -1,0 +1,577 @@
+// rnan_fast._C: the CPU kernel of non-local attention, forward and backward, both softmax modes
+//   S = theta phi^T (unscaled), out = P g,
+//   "query" (official RNAN, softmax dim=1): P_ij = exp(S_ij - LSE_j), normalised over queries i;
+//   "key"   (ordinary attention):           P_ij = exp(S_ij - LSE_i), normalised over keys j.
+// Schemas (TORCH_LIBRARY_FRAGMENT below; fakes and autograd in rnan_fast/ops/nonlocal_attention.py):
+//   nonlocal_attention_fwd(theta, phi, g, softmax_over) -> (out, stats)
+//   nonlocal_attention_bwd(dout, theta, phi, g, stats, softmax_over) -> (dtheta, dphi, dg)
+//
+// Flash structure: the scores exist only as tiles of kBlockQ queries x kBlockK keys (64 KiB of
+// fp32 each, in L2); nothing of size N x N is ever stored. Extra memory: stats (2, B, N) fp32,
+// plus D (B, N) fp32 in the backward, plus O(tile) per thread.
+//
+// Statistics, as the Triton kernel keeps them: stats[0] = m, the max score of each softmax
+// (natural units), stats[1] = r = log2 sum exp2((S - m) log2 e); every weight is then
+// exp2((S - m) log2 e - r). S - m is exact near the max (Sterbenz), so the dominant weight of a
+// saturated softmax (scores ~1e4 on 0..255 images, where one fp32 ulp of S is ~1e-3) is 1 to the
+// last bit, provided every pass gets the same bits for S_ij: every pass computes a score tile
+// with the very same gemm call (same operands, shapes, leading dimensions), `Attention::scores`.
+//
+// Column softmax ("query"):
+//   pass 1, key-major (one task per key block): online (max, sum) over all query blocks;
+//   pass 2, query-major (one task per query block): acc_i = sum_j exp2((S_ij - m_j) log2e - r_j) g_j,
+//           every weight final and <= 1: no running max, no rescale, no divide. 2 N^2 exps.
+// Row softmax ("key"): one query-major online-softmax pass (running max and sum per query,
+//   rescaled accumulator, a final divide). N^2 exps.
+// Backward, P recomputed from the statistics, dP = dY g^T, dS = P (dP - D):
+//   "query": key-major pass: loop 1 dG_J = sum_I P^T dY_I, D_j = g_j . dG_j; loop 2 dPhi_J =
+//            sum_I dS^T theta_I; then a query-major pass dTheta_I = sum_J dS phi_J. 3 N^2 exps.
+//   "key":   query-major pass: loop 1 D_i = sum_j P_ij dP_ij, loop 2 dTheta_I; then a key-major
+//            pass: dG_J and dPhi_J. 3 N^2 exps.
+// Determinism: every output block is owned by one task and accumulated over the other index in
+// a fixed order; the tile grid depends on N only, never on the thread count. So results are
+// bit-identical from run to run and for any number of threads (the tests check 1 vs 2 threads).
+//
+// Arithmetic, all fp32: score, dP and product tiles go through MKL's sgemm (blocked and
+// vectorised; called from inside the parallel loop, where MKL runs single-threaded), the
+// elementwise work on a tile (exp2, max, sums, dS) through plain C++ loops compiled for three
+// x86-64 levels (target_clones; AVX-512 here), with a polynomial exp2 (relative error ~3e-9 plus
+// rounding) so that they vectorise. bf16 inputs are widened to fp32 once (O(N d)) and the results
+// rounded back: their products are exact in fp32 either way, and MKL's bf16 gemm
+// (cblas_gemm_bf16bf16f32) measured 1.5-3x slower than sgemm at these tile shapes (d = 16: fwd
+// 483 ms against 150 ms at B = 16, N = 48^2), so bf16 buys no speed here, only memory.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string_view>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define RNAN_ATTN_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define RNAN_ATTN_CLONES
+#endif
+#if defined(__GNUC__)
+#define RNAN_ATTN_INLINE inline __attribute__((always_inline))
+#else
+#define RNAN_ATTN_INLINE inline
+#endif
+
+namespace rnan_fast {
+namespace {
+
+constexpr float kLog2e = 1.44269504088896341f;
+// Tile: 64 queries x 256 keys = 64 KiB of fp32 scores per tile buffer (a task holds two, S and
+// dP, plus its accumulators: well inside a 1-2 MiB L2). A key block spans 256 keys so that the
+// gemms of the weighted sum (k = 256) run near their peak; 64 queries give N / 64 query tasks
+// (256 at N = 128^2) to share among the threads.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 256;
+
+RNAN_ATTN_INLINE float float_from_bits(int32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// 2^x in float32 by plain arithmetic so that the loops calling it vectorise: k = round(x) by the
+// 1.5 * 2^23 trick, 2^(x - k) on [-1/2, 1/2] by a degree-6 polynomial (relative error 2.6e-9,
+// fitted here with p(0) = 1 exactly, so exp2(0) = 1), times 2^k from the exponent bits. x is
+// clamped to [-127, 127]: below -127 the result is exactly 0 (the exponent field is 0), which is
+// what a weight of 2^-127 should be; -inf gives 0 and NaN passes through.
+RNAN_ATTN_INLINE float exp2_f32(float x) {
+  const bool nan = !(x == x);
+  float c = nan ? 0.0f : x;
+  c = c < -127.0f ? -127.0f : c;
+  c = c > 127.0f ? 127.0f : c;
+  const float k = (c + 12582912.0f) - 12582912.0f;
+  const float f = c - k;
+  float p = 1.5337577497e-4f;
+  p = p * f + 1.3399859890e-3f;
+  p = p * f + 9.6185198054e-3f;
+  p = p * f + 5.5503290147e-2f;
+  p = p * f + 2.4022646248e-1f;
+  p = p * f + 6.9314718246e-1f;
+  p = p * f + 1.0f;
+  const float scale = float_from_bits((static_cast<int32_t>(k) + 127) << 23);
+  return nan ? x : p * scale;
+}
+
+// Reductions along a row in kLanes independent partial results, combined in a fixed order at the
+// end: GCC vectorises these without -ffast-math (a plain `sum += x[j]` would stay scalar, since
+// reassociating it changes the result), and the result depends on n only, not on the threads.
+constexpr int64_t kLanes = 16;
+
+RNAN_ATTN_INLINE float row_max(const float* __restrict x, int64_t n, float init) {
+  float part[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) part[l] = init;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) part[l] = x[j + l] > part[l] ? x[j + l] : part[l];
+  for (; j < n; ++j) part[0] = x[j] > part[0] ? x[j] : part[0];
+  float mx = part[0];
+  for (int64_t l = 1; l < kLanes; ++l) mx = part[l] > mx ? part[l] : mx;
+  return mx;
+}
+
+RNAN_ATTN_INLINE float lanes_total(const float* part) {
+  float total = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) total += part[l];
+  return total;
+}
+
+// ---- elementwise work on one score tile s (rows x cols, row stride ld), fp32 -------------------
+// Column statistics: online update of (m_j, l_j) over one more block of queries.
+RNAN_ATTN_CLONES void col_stats_update(const float* __restrict s, int64_t rows, int64_t cols, int64_t ld,
+                                       float* __restrict m, float* __restrict l, float* __restrict tmax) {
+  for (int64_t j = 0; j < cols; ++j) tmax[j] = m[j];
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* row = s + i * ld;
+    for (int64_t j = 0; j < cols; ++j) tmax[j] = row[j] > tmax[j] ? row[j] : tmax[j];
+  }
+  for (int64_t j = 0; j < cols; ++j) l[j] *= exp2_f32((m[j] - tmax[j]) * kLog2e);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* row = s + i * ld;
+    for (int64_t j = 0; j < cols; ++j) l[j] += exp2_f32((row[j] - tmax[j]) * kLog2e);
+  }
+  for (int64_t j = 0; j < cols; ++j) m[j] = tmax[j];
+}
+
+// Column weights in place: s_ij <- exp2((s_ij - m_j) log2e - r_j).
+RNAN_ATTN_CLONES void col_weights(float* __restrict s, int64_t rows, int64_t cols, int64_t ld,
+                                  const float* __restrict m, const float* __restrict r) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = s + i * ld;
+    for (int64_t j = 0; j < cols; ++j) row[j] = exp2_f32((row[j] - m[j]) * kLog2e - r[j]);
+  }
+}
+
+// Row weights in place: s_ij <- exp2((s_ij - m_i) log2e - r_i).
+RNAN_ATTN_CLONES void row_weights(float* __restrict s, int64_t rows, int64_t cols, int64_t ld,
+                                  const float* __restrict m, const float* __restrict r) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = s + i * ld;
+    const float mi = m[i], ri = r[i];
+    for (int64_t j = 0; j < cols; ++j) row[j] = exp2_f32((row[j] - mi) * kLog2e - ri);
+  }
+}
+
+// Online row softmax over one more key block: s <- exp2((s - m_new) log2e), l and the
+// accumulator rows (acc, rows x dv) rescaled by exp2((m_old - m_new) log2e), l += row sums.
+RNAN_ATTN_CLONES void row_online(float* __restrict s, int64_t rows, int64_t cols, int64_t ld,
+                                 float* __restrict m, float* __restrict l, float* __restrict acc, int64_t dv) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = s + i * ld;
+    const float mx = row_max(row, cols, m[i]);
+    const float alpha = exp2_f32((m[i] - mx) * kLog2e);
+    float part[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= cols; j += kLanes)
+      for (int64_t q = 0; q < kLanes; ++q) {
+        row[j + q] = exp2_f32((row[j + q] - mx) * kLog2e);
+        part[q] += row[j + q];
+      }
+    for (; j < cols; ++j) {
+      row[j] = exp2_f32((row[j] - mx) * kLog2e);
+      part[0] += row[j];
+    }
+    float* a = acc + i * dv;
+    for (int64_t c = 0; c < dv; ++c) a[c] *= alpha;
+    l[i] = l[i] * alpha + lanes_total(part);
+    m[i] = mx;
+  }
+}
+
+// dS in place of P: column mode dS_ij = P_ij (dP_ij - D_j), row mode dS_ij = P_ij (dP_ij - D_i).
+RNAN_ATTN_CLONES void ds_col(float* __restrict p, const float* __restrict dp, int64_t rows, int64_t cols, int64_t ld,
+                             const float* __restrict D) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = p + i * ld;
+    const float* drow = dp + i * ld;
+    for (int64_t j = 0; j < cols; ++j) row[j] = row[j] * (drow[j] - D[j]);
+  }
+}
+
+RNAN_ATTN_CLONES void ds_row(float* __restrict p, const float* __restrict dp, int64_t rows, int64_t cols, int64_t ld,
+                             const float* __restrict D) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = p + i * ld;
+    const float* drow = dp + i * ld;
+    const float di = D[i];
+    for (int64_t j = 0; j < cols; ++j) row[j] = row[j] * (drow[j] - di);
+  }
+}
+
+// D_i += sum_j P_ij dP_ij (row mode, one key block).
+RNAN_ATTN_CLONES void row_dot_add(const float* __restrict p, const float* __restrict dp, int64_t rows, int64_t cols,
+                                  int64_t ld, float* __restrict D) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* row = p + i * ld;
+    const float* drow = dp + i * ld;
+    float part[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= cols; j += kLanes)
+      for (int64_t q = 0; q < kLanes; ++q) part[q] += row[j + q] * drow[j + q];
+    for (; j < cols; ++j) part[0] += row[j] * drow[j];
+    D[i] += lanes_total(part);
+  }
+}
+
+// ---- gemm --------------------------------------------------------------------------------------
+}  // namespace
+}  // namespace rnan_fast
+
+// MKL's sgemm, which PyTorch's x86 builds link and export from libtorch_cpu (LP64: int sizes).
+// Weak, so that the extension still loads against a PyTorch without MKL; `mm` then uses ATen's mm.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+namespace rnan_fast {
+namespace {
+
+// Row-major C (m x n, ldc) = beta C + op(A) op(B), op(A) m x k, op(B) k x n, all fp32. Sizes are
+// tiles, head dims and row strides, all far below 2^31.
+void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+        float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // an empty sum (head dim 0); BLAS would reject the leading dimension 0
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
+    return;
+  }
+  if (sgemm_ != nullptr) {
+    // Fortran is column-major: the row-major product is C^T = op(B)^T op(A)^T.
+    const int M = int(m), N = int(n), K = int(k), LDA = int(lda), LDB = int(ldb), LDC = int(ldc);
+    const float one = 1.0f;
+    sgemm_(tb ? "T" : "N", ta ? "T" : "N", &N, &M, &K, &one, b, &LDB, a, &LDA, &beta, c, &LDC);
+    return;
+  }
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor A = at::from_blob(const_cast<float*>(a), {ta ? k : m, ta ? m : k}, {lda, 1}, f32);
+  at::Tensor Bm = at::from_blob(const_cast<float*>(b), {tb ? n : k, tb ? k : n}, {ldb, 1}, f32);
+  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, f32);
+  at::Tensor prod = at::mm(ta ? A.t() : A, tb ? Bm.t() : Bm);
+  beta == 0.0f ? C.copy_(prod) : C.mul_(beta).add_(prod);
+}
+
+// Per-thread tile buffers, allocated once per parallel chunk.
+struct Scratch {
+  std::vector<float> s, dp, acc, acc2, vec0, vec1, vec2;
+  Scratch(int64_t d, int64_t dv, bool backward)
+      : s(kBlockQ * kBlockK), dp(backward ? kBlockQ * kBlockK : 0),
+        acc(std::max(kBlockQ, kBlockK) * std::max(d, dv)), acc2(backward ? kBlockK * d : 0),
+        vec0(kBlockK), vec1(kBlockK), vec2(kBlockK) {}
+};
+
+void store_rows(const float* acc, int64_t rows, int64_t cols, float* dst) { std::copy(acc, acc + rows * cols, dst); }
+
+// The problem in contiguous (B, N, d) / (B, N, dv) operands.
+struct Attention {
+  const float *q, *k, *v;  // theta, phi, g
+  int64_t B, N, d, dv;
+
+  int64_t q_blocks() const { return (N + kBlockQ - 1) / kBlockQ; }
+  int64_t k_blocks() const { return (N + kBlockK - 1) / kBlockK; }
+  const float* q_rows(int64_t b, int64_t i0) const { return q + (b * N + i0) * d; }
+  const float* k_rows(int64_t b, int64_t j0) const { return k + (b * N + j0) * d; }
+  const float* v_rows(int64_t b, int64_t j0) const { return v + (b * N + j0) * dv; }
+
+  // The score tile S[i0:i0+mi, j0:j0+nj] of batch b into s (row stride kBlockK). Every pass
+  // calls exactly this, so S_ij has the same bits in all of them (see the file comment).
+  void scores(int64_t b, int64_t i0, int64_t mi, int64_t j0, int64_t nj, float* s) const {
+    mm(false, true, mi, nj, d, q_rows(b, i0), d, k_rows(b, j0), d, 0.0f, s, kBlockK);
+  }
+  // dP tile = dY[i0:i0+mi] g[j0:j0+nj]^T.
+  void dscores(const float* dy, int64_t b, int64_t i0, int64_t mi, int64_t j0, int64_t nj, float* dp) const {
+    mm(false, true, mi, nj, dv, dy + (b * N + i0) * dv, dv, v_rows(b, j0), dv, 0.0f, dp, kBlockK);
+  }
+};
+
+// ---- forward ----------------------------------------------------------------------------------
+void forward_col(const Attention& a, float* out, float* stat_m, float* stat_r) {
+  const int64_t N = a.N, nk = a.k_blocks(), nq = a.q_blocks();
+  // Pass 1, key-major: (m_j, r_j) per key.
+  at::parallel_for(0, a.B * nk, 1, [&](int64_t begin, int64_t end) {
+    Scratch w(a.d, a.dv, false);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / nk, j0 = (t % nk) * kBlockK, nj = std::min(kBlockK, N - j0);
+      float *m = w.vec0.data(), *l = w.vec1.data();
+      std::fill(m, m + nj, -std::numeric_limits<float>::infinity());
+      std::fill(l, l + nj, 0.0f);
+      for (int64_t i0 = 0; i0 < N; i0 += kBlockQ) {
+        const int64_t mi = std::min(kBlockQ, N - i0);
+        a.scores(b, i0, mi, j0, nj, w.s.data());
+        col_stats_update(w.s.data(), mi, nj, kBlockK, m, l, w.vec2.data());
+      }
+      for (int64_t j = 0; j < nj; ++j) {
+        stat_m[b * N + j0 + j] = m[j];
+        stat_r[b * N + j0 + j] = std::log2(l[j]);
+      }
+    }
+  });
+  // Pass 2, query-major: final weights times g.
+  at::parallel_for(0, a.B * nq, 1, [&](int64_t begin, int64_t end) {
+    Scratch w(a.d, a.dv, false);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / nq, i0 = (t % nq) * kBlockQ, mi = std::min(kBlockQ, N - i0);
+      for (int64_t j0 = 0; j0 < N; j0 += kBlockK) {
+        const int64_t nj = std::min(kBlockK, N - j0);
+        a.scores(b, i0, mi, j0, nj, w.s.data());
+        col_weights(w.s.data(), mi, nj, kBlockK, stat_m + b * N + j0, stat_r + b * N + j0);
+        mm(false, false, mi, a.dv, nj, w.s.data(), kBlockK,
+              a.v_rows(b, j0), a.dv, j0 == 0 ? 0.0f : 1.0f, w.acc.data(), a.dv);
+      }
+      store_rows(w.acc.data(), mi, a.dv, out + (b * N + i0) * a.dv);
+    }
+  });
+}
+
+void forward_row(const Attention& a, float* out, float* stat_m, float* stat_r) {
+  const int64_t N = a.N, nq = a.q_blocks(), dv = a.dv;
+  at::parallel_for(0, a.B * nq, 1, [&](int64_t begin, int64_t end) {
+    Scratch w(a.d, dv, false);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / nq, i0 = (t % nq) * kBlockQ, mi = std::min(kBlockQ, N - i0);
+      float *m = w.vec0.data(), *l = w.vec1.data(), *acc = w.acc.data();
+      std::fill(m, m + mi, -std::numeric_limits<float>::infinity());
+      std::fill(l, l + mi, 0.0f);
+      std::fill(acc, acc + mi * dv, 0.0f);
+      for (int64_t j0 = 0; j0 < N; j0 += kBlockK) {
+        const int64_t nj = std::min(kBlockK, N - j0);
+        a.scores(b, i0, mi, j0, nj, w.s.data());
+        row_online(w.s.data(), mi, nj, kBlockK, m, l, acc, dv);
+        mm(false, false, mi, dv, nj, w.s.data(), kBlockK,
+              a.v_rows(b, j0), dv, 1.0f, acc, dv);
+      }
+      for (int64_t i = 0; i < mi; ++i) {
+        const float inv = 1.0f / l[i];
+        for (int64_t c = 0; c < dv; ++c) acc[i * dv + c] *= inv;
+        stat_m[b * N + i0 + i] = m[i];
+        stat_r[b * N + i0 + i] = std::log2(l[i]);
+      }
+      store_rows(acc, mi, dv, out + (b * N + i0) * dv);
+    }
+  });
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+void backward_col(const Attention& a, const float* dy, const float* stat_m, const float* stat_r, float* D, float* dq,
+                  float* dk, float* dv_out) {
+  const int64_t N = a.N, nk = a.k_blocks(), nq = a.q_blocks(), d = a.d, dv = a.dv;
+  // Key-major: dG_J, D_J, dPhi_J.
+  at::parallel_for(0, a.B * nk, 1, [&](int64_t begin, int64_t end) {
+    Scratch w(d, dv, true);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / nk, j0 = (t % nk) * kBlockK, nj = std::min(kBlockK, N - j0);
+      const float *m = stat_m + b * N + j0, *r = stat_r + b * N + j0;
+      float *dg = w.acc.data(), *dphi = w.acc2.data(), *Dj = D + b * N + j0;
+      for (int64_t i0 = 0; i0 < N; i0 += kBlockQ) {
+        const int64_t mi = std::min(kBlockQ, N - i0);
+        a.scores(b, i0, mi, j0, nj, w.s.data());
+        col_weights(w.s.data(), mi, nj, kBlockK, m, r);
+        mm(true, false, nj, dv, mi, w.s.data(), kBlockK,
+              dy + (b * N + i0) * dv, dv, i0 == 0 ? 0.0f : 1.0f, dg, dv);
+      }
+      const float* g = a.v_rows(b, j0);
+      for (int64_t j = 0; j < nj; ++j) {
+        float sum = 0.0f;
+        for (int64_t c = 0; c < dv; ++c) sum += g[j * dv + c] * dg[j * dv + c];
+        Dj[j] = sum;
+      }
+      store_rows(dg, nj, dv, dv_out + (b * N + j0) * dv);
+      for (int64_t i0 = 0; i0 < N; i0 += kBlockQ) {
+        const int64_t mi = std::min(kBlockQ, N - i0);
+        a.scores(b, i0, mi, j0, nj, w.s.data());
+        col_weights(w.s.data(), mi, nj, kBlockK, m, r);
+        a.dscores(dy, b, i0, mi, j0, nj, w.dp.data());
+        ds_col(w.s.data(), w.dp.data(), mi, nj, kBlockK, Dj);
+        mm(true, false, nj, d, mi, w.s.data(), kBlockK,
+              a.q_rows(b, i0), d, i0 == 0 ? 0.0f : 1.0f, dphi, d);
+      }
+      store_rows(dphi, nj, d, dk + (b * N + j0) * d);
+    }
+  });
+  // Query-major: dTheta_I.
+  at::parallel_for(0, a.B * nq, 1, [&](int64_t begin, int64_t end) {
+    Scratch w(d, dv, true);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / nq, i0 = (t % nq) * kBlockQ, mi = std::min(kBlockQ, N - i0);
+      for (int64_t j0 = 0; j0 < N; j0 += kBlockK) {
+        const int64_t nj = std::min(kBlockK, N - j0);
+        a.scores(b, i0, mi, j0, nj, w.s.data());
+        col_weights(w.s.data(), mi, nj, kBlockK, stat_m + b * N + j0, stat_r + b * N + j0);
+        a.dscores(dy, b, i0, mi, j0, nj, w.dp.data());
+        ds_col(w.s.data(), w.dp.data(), mi, nj, kBlockK, D + b * N + j0);
+        mm(false, false, mi, d, nj, w.s.data(), kBlockK,
+              a.k_rows(b, j0), d, j0 == 0 ? 0.0f : 1.0f, w.acc.data(), d);
+      }
+      store_rows(w.acc.data(), mi, d, dq + (b * N + i0) * d);
+    }
+  });
+}
+
+void backward_row(const Attention& a, const float* dy, const float* stat_m, const float* stat_r, float* D, float* dq,
+                  float* dk, float* dv_out) {
+  const int64_t N = a.N, nk = a.k_blocks(), nq = a.q_blocks(), d = a.d, dv = a.dv;
+  // Query-major: D_I (loop 1), dTheta_I (loop 2).
+  at::parallel_for(0, a.B * nq, 1, [&](int64_t begin, int64_t end) {
+    Scratch w(d, dv, true);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / nq, i0 = (t % nq) * kBlockQ, mi = std::min(kBlockQ, N - i0);
+      const float *m = stat_m + b * N + i0, *r = stat_r + b * N + i0;
+      float* Di = D + b * N + i0;
+      std::fill(Di, Di + mi, 0.0f);
+      for (int64_t j0 = 0; j0 < N; j0 += kBlockK) {
+        const int64_t nj = std::min(kBlockK, N - j0);
+        a.scores(b, i0, mi, j0, nj, w.s.data());
+        row_weights(w.s.data(), mi, nj, kBlockK, m, r);
+        a.dscores(dy, b, i0, mi, j0, nj, w.dp.data());
+        row_dot_add(w.s.data(), w.dp.data(), mi, nj, kBlockK, Di);
+      }
+      for (int64_t j0 = 0; j0 < N; j0 += kBlockK) {
+        const int64_t nj = std::min(kBlockK, N - j0);
+        a.scores(b, i0, mi, j0, nj, w.s.data());
+        row_weights(w.s.data(), mi, nj, kBlockK, m, r);
+        a.dscores(dy, b, i0, mi, j0, nj, w.dp.data());
+        ds_row(w.s.data(), w.dp.data(), mi, nj, kBlockK, Di);
+        mm(false, false, mi, d, nj, w.s.data(), kBlockK,
+              a.k_rows(b, j0), d, j0 == 0 ? 0.0f : 1.0f, w.acc.data(), d);
+      }
+      store_rows(w.acc.data(), mi, d, dq + (b * N + i0) * d);
+    }
+  });
+  // Key-major: dG_J and dPhi_J.
+  at::parallel_for(0, a.B * nk, 1, [&](int64_t begin, int64_t end) {
+    Scratch w(d, dv, true);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / nk, j0 = (t % nk) * kBlockK, nj = std::min(kBlockK, N - j0);
+      float *dg = w.acc.data(), *dphi = w.acc2.data();
+      for (int64_t i0 = 0; i0 < N; i0 += kBlockQ) {
+        const int64_t mi = std::min(kBlockQ, N - i0);
+        const float beta = i0 == 0 ? 0.0f : 1.0f;
+        a.scores(b, i0, mi, j0, nj, w.s.data());
+        row_weights(w.s.data(), mi, nj, kBlockK, stat_m + b * N + i0, stat_r + b * N + i0);
+        mm(true, false, nj, dv, mi, w.s.data(), kBlockK,
+              dy + (b * N + i0) * dv, dv, beta, dg, dv);
+        a.dscores(dy, b, i0, mi, j0, nj, w.dp.data());
+        ds_row(w.s.data(), w.dp.data(), mi, nj, kBlockK, D + b * N + i0);
+        mm(true, false, nj, d, mi, w.s.data(), kBlockK,
+              a.q_rows(b, i0), d, beta, dphi, d);
+      }
+      store_rows(dg, nj, dv, dv_out + (b * N + j0) * dv);
+      store_rows(dphi, nj, d, dk + (b * N + j0) * d);
+    }
+  });
+}
+
+// ---- the ops ----------------------------------------------------------------------------------
+bool column_mode(std::string_view softmax_over) {
+  TORCH_CHECK(softmax_over == "query" || softmax_over == "key",
+              "rnan_fast::nonlocal_attention: softmax_over must be 'query' (official RNAN) or 'key', got '",
+              std::string(softmax_over), "'");
+  return softmax_over == "query";
+}
+
+void check_inputs(const char* op, const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g) {
+  const std::pair<const char*, const at::Tensor*> named[] = {{"theta", &theta}, {"phi", &phi}, {"g", &g}};
+  for (const auto& [name, t] : named) {
+    TORCH_CHECK(t->dim() == 3, op, ": ", name, " must be (B, N, d), got shape ", t->sizes());
+    TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " is on ", t->device(),
+                "; this kernel takes CPU tensors (CUDA tensors use the Triton kernel)");
+    TORCH_CHECK(t->scalar_type() == theta.scalar_type(), op, ": dtypes differ: theta is ", theta.scalar_type(),
+                " but ", name, " is ", t->scalar_type());
+  }
+  TORCH_CHECK(theta.scalar_type() == at::kFloat || theta.scalar_type() == at::kBFloat16, op,
+              ": unsupported dtype ", theta.scalar_type(), " (expected float32 or bfloat16)");
+  TORCH_CHECK(theta.sizes() == phi.sizes(), op, ": theta ", theta.sizes(), " and phi ", phi.sizes(),
+              " must have one shape");
+  TORCH_CHECK(g.size(0) == theta.size(0) && g.size(1) == theta.size(1), op, ": g ", g.sizes(),
+              " must share (B, N) with theta ", theta.sizes());
+}
+
+// fp32 contiguous operands: the inputs themselves when they already are, else one O(N d) copy
+// (bf16 is widened here; its products are exact in fp32, so only the accumulation order differs
+// from a bf16 dot, and MKL's bf16 gemm measured slower than its sgemm at these tile shapes).
+at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+Attention problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return {q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(), q.size(0), q.size(1),
+          q.size(2), v.size(2)};
+}
+
+// r (contiguous fp32) in empty_like(like)'s layout and dtype, the rule of the op's fakes.
+at::Tensor like(const at::Tensor& like_t, const at::Tensor& r) {
+  at::Tensor out = at::empty_like(like_t);
+  if (out.is_contiguous() && out.scalar_type() == r.scalar_type()) return r;
+  return out.copy_(r);
+}
+
+std::tuple<at::Tensor, at::Tensor> nonlocal_attention_fwd_cpu(const at::Tensor& theta, const at::Tensor& phi,
+                                                              const at::Tensor& g, std::string_view softmax_over) {
+  check_inputs("rnan_fast::nonlocal_attention_fwd", theta, phi, g);
+  const bool col = column_mode(softmax_over);
+  const int64_t B = theta.size(0), N = theta.size(1);
+  at::Tensor out = at::empty({B, N, g.size(2)}, g.options().dtype(at::kFloat));
+  at::Tensor stats = at::empty({2, B, N}, theta.options().dtype(at::kFloat));
+  if (B * N > 0) {
+    const at::Tensor q = f32(theta), k = f32(phi), v = f32(g);
+    const Attention a = problem(q, k, v);
+    float* m = stats.data_ptr<float>();
+    (col ? forward_col : forward_row)(a, out.data_ptr<float>(), m, m + B * N);
+  }
+  return {out.to(g.scalar_type()), stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attention_bwd_cpu(const at::Tensor& dout,
+                                                                          const at::Tensor& theta,
+                                                                          const at::Tensor& phi, const at::Tensor& g,
+                                                                          const at::Tensor& stats,
+                                                                          std::string_view softmax_over) {
+  constexpr const char* op = "rnan_fast::nonlocal_attention_bwd";
+  check_inputs(op, theta, phi, g);
+  const bool col = column_mode(softmax_over);
+  const int64_t B = theta.size(0), N = theta.size(1);
+  TORCH_CHECK(dout.sizes() == g.sizes() && dout.scalar_type() == g.scalar_type() && dout.device() == g.device(), op,
+              ": dout (", dout.sizes(), ", ", dout.scalar_type(), ") must match g (", g.sizes(), ", ",
+              g.scalar_type(), ")");
+  TORCH_CHECK(stats.dim() == 3 && stats.size(0) == 2 && stats.size(1) == B && stats.size(2) == N &&
+                  stats.scalar_type() == at::kFloat && stats.device().is_cpu(),
+              op, ": stats must be the forward's (2, B, N) float32 CPU tensor, got ", stats.sizes(), " ",
+              stats.scalar_type());
+  const auto f32_options = theta.options().dtype(at::kFloat);
+  at::Tensor dq = at::empty(theta.sizes(), f32_options), dk = at::empty(phi.sizes(), f32_options);
+  at::Tensor dv = at::empty(g.sizes(), f32_options);
+  if (B * N > 0) {
+    const at::Tensor q = f32(theta), k = f32(phi), v = f32(g), dy = f32(dout), st = stats.contiguous();
+    at::Tensor D = at::empty({B, N}, f32_options);
+    const Attention a = problem(q, k, v);
+    const float* m = st.const_data_ptr<float>();
+    (col ? backward_col : backward_row)(a, dy.const_data_ptr<float>(), m, m + B * N, D.data_ptr<float>(),
+                                        dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>());
+  }
+  return {like(theta, dq), like(phi, dk), like(g, dv)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rnan_fast, m) {
+  m.set_python_module("rnan_fast.ops.nonlocal_attention");
+  m.def("nonlocal_attention_fwd(Tensor theta, Tensor phi, Tensor g, str softmax_over) -> (Tensor, Tensor)");
+  m.def("nonlocal_attention_bwd(Tensor dout, Tensor theta, Tensor phi, Tensor g, Tensor stats, str softmax_over)"
+        " -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(rnan_fast, CPU, m) {
+  m.impl("nonlocal_attention_fwd", &nonlocal_attention_fwd_cpu);
+  m.impl("nonlocal_attention_bwd", &nonlocal_attention_bwd_cpu);
+}
+
+}  // namespace rnan_fast
