@@ -8,7 +8,7 @@ For each config of the kernel's tuning list: the SASS instructions per score of 
 score, and the two bounds they set on an SM, in milli-clocks per score: issue = instructions / 128
 (4 schedulers x 32 lanes per clock) and MUFU = ex2 / 16 (16 per clock). The larger is the
 kernel's floor when the tensor cores and memory keep up; MUFU alone on 132 SMs at 1.98 GHz is
-the measured 4.1e12 exp/s. Also: shared memory, register spills (STL/LDL in the SASS), and
+the measured 4.1e12 exp/s. Also: shared memory, register spills (stack bytes, `resources`), and
 STS/SHFL inside the loop (data moved between threads, e.g. by a layout conversion).
 A prediction, not a measurement: it ignores latencies, the tensor cores' time and the memory.
 Where ptxas unrolls a loop the figures count several iterations as one: every kernel computes
@@ -62,12 +62,24 @@ def compile_sm90(kernel, config: triton.Config, dtype: str, d: int, prec: str, s
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
-def sass(compiled) -> str:
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+def _cubin_tool(compiled, tool: str, *args: str) -> str:
+    """stdout of Triton's bundled `tool` (nvdisasm, cuobjdump) run on the kernel's cubin."""
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([path, *args, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass(compiled) -> str:
+    return _cubin_tool(compiled, "nvdisasm", "-c")
+
+
+def resources(compiled) -> dict:
+    """What ptxas gave the kernel (cuobjdump -res-usage): registers per thread, stack bytes per
+    thread (these kernels have no local arrays, so stack = register spills) and shared memory."""
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", _cubin_tool(compiled, "cuobjdump", "-res-usage"))
+    return {"n_regs": int(usage.group(1)), "spill_bytes": int(usage.group(2)), "shared_bytes": compiled.metadata.shared}
 
 
 def loops(text: str):
@@ -106,7 +118,7 @@ def mix(kernel, config, dtype="bf16", d=32, prec="tf32", stats_per_key=True) -> 
     return {"instr_per_score": instr, "mufu_per_score": mufu,
             "issue_mclk": 1e3 * instr / ISSUE_PER_CLK, "mufu_mclk": 1e3 * mufu / MUFU_PER_CLK,
             "bound_mclk": 1e3 * max(instr / ISSUE_PER_CLK, mufu / MUFU_PER_CLK),
-            "shared_bytes": compiled.metadata.shared, "spills": bool(re.search(r"\b(STL|LDL)\b", text)),
+            "shared_bytes": compiled.metadata.shared, "spills": resources(compiled)["spill_bytes"] > 0,
             "moves_in_loop": sum(v for k, v in body.items() if k.split(".")[0] in ("STS", "SHFL"))}
 
 
