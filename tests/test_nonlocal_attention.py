@@ -424,6 +424,35 @@ def test_triton_fp32_under_the_new_matmul_precision_api():
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
 
 
+BOUNDED_TUNING = """
+import torch
+from rnan_fast.kernels import nonlocal_attention as K
+assert K._TUNE and K._TUNE_MAX == 2
+q = torch.empty(1, 8, 64)
+for name in ("_bwd_kv_kernel", "_fwd_known_lse_kernel"):
+    kernel = getattr(K, name)
+    for prec in ("tf32x3", "tf32"):
+        kept = K._prune(name, kernel.configs, {"Q": q}, D=64, DV=64, PREC=prec, STATS_PER_KEY=True)
+        default = K.default_config(name, torch.float32, prec, 64, True)
+        assert len(kept) == 2 and kept[0] is default and kept[1].all_kwargs() != default.all_kwargs(), kept
+        assert all(c.kwargs.get("POLY_PART", 0) == 0 for c in kept) or prec == "tf32", kept
+print("ok")
+"""
+
+
+def test_bounded_tuning_keeps_the_default_first():
+    """RNAN_FAST_AUTOTUNE_MAX=2: each kernel tunes over its operands' default and one other
+    candidate (no polynomial configs under tf32x3). Pruning launches nothing: no GPU needed."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "RNAN_FAST_AUTOTUNE": "1", "RNAN_FAST_AUTOTUNE_MAX": "2",
+           "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", BOUNDED_TUNING], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+    run = subprocess.run([sys.executable, "-c", "import rnan_fast.kernels.nonlocal_attention"], cwd=REPO,
+                         env={**env, "RNAN_FAST_AUTOTUNE_MAX": "two"}, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "RNAN_FAST_AUTOTUNE_MAX must be a positive integer, got 'two'" in run.stderr
+
+
 class _DeviceRecorder:
     """Stands in for torch.cuda.device: records the device each guard selects, and which is
     current (None outside every guard)."""
