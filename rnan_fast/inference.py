@@ -29,7 +29,7 @@ tile, per quadrant, per ensemble member); ``restore_image`` wraps it for uint8 n
 
 ``auto_tile`` decides when whole-image inference on the CPU would take too long: the non-local
 blocks cost (H*W)^2 scores each, so past a few hundred pixels a side they dominate everything
-and overlapping tiles are far cheaper (see AUTO_TILE_SCORES). The GPU always runs whole images.
+and overlapping tiles are far cheaper (see AUTO_TILE_SECONDS). The GPU always runs whole images.
 """
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ from rnan_fast.imresize import to_uint8
 
 __all__ = ["model_scale", "model_colors", "forward_tiled", "forward_chop", "forward_x8",
            "restore_tensor", "restore_image", "DTYPES", "nonlocal_blocks", "attention_scores",
-           "auto_tile", "model_calls", "tile_count", "chop_calls", "AUTO_TILE", "AUTO_TILE_SCORES", "CPU_NS_PER_SCORE"]
+           "attention_seconds", "cpu_attention_path", "auto_tile", "model_calls", "tile_count", "chop_calls",
+           "AUTO_TILE", "AUTO_TILE_SECONDS", "CPU_NS_PER_SCORE"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -218,14 +219,18 @@ def forward_x8(forward: Forward, x: Tensor) -> Tensor:
 
 # What whole-image inference costs on the CPU is the non-local attention: every non-local block
 # (2 in RNAN, at full resolution) scores all N^2 query-key pairs, N = H * W, while the convs grow
-# with N only. The CPU path measured 8.2-10.8 ns per score (fp32, d = 32: the reference at
-# N = 96^2..128^2 and 32768, issue table of 2026-12-01, 2-core EPYC; the fused C++ kernel is
-# expected near 1-1.5). AUTO_TILE_SCORES = 2e9 scores is ~20 s of attention at 10 ns/score:
-# 2 blocks pass it at N ~ 31,600 (~178 x 178 pixels). A 512x512 image whole would need 1.4e11
-# scores (~23 min); in 128-pixel tiles with a 32-pixel overlap (25 tiles of N = 16,384) it needs
-# 1.3e10 (~2 min) plus ~1.8x the conv work of the whole image (the overlap).
-CPU_NS_PER_SCORE = 10.0
-AUTO_TILE_SCORES = 2e9
+# with N only. Per score (fp32, d = 32, B = 1, column softmax, 2-core EPYC with AVX-512, torch
+# 2.14.1, 2026-12-01): the reference path 8.2-10.8 ns at N = 96^2..128^2 and 32768 (the table
+# of the CPU attention work, a quiet machine); the fused C++ kernel 2.7 ns at N = 128^2 in a run
+# where the reference took 86 ns, i.e. on a machine loaded ~8x (BENCHMARKS.md, CPU section). The
+# figures below are the quiet-machine reference and a rounded-up kernel figure. Past
+# AUTO_TILE_SECONDS (20 s) of attention a whole image is not worth the wait: 2 blocks reach it at
+# N ~ 31,600 (~178^2 pixels) on the reference and N ~ 70,700 (~266^2) on the kernel. A 512x512
+# image whole needs 1.4e11 scores (~23 min on the reference, ~5 min on the kernel); in 128-pixel
+# tiles overlapping by 32 (25 tiles of N = 16,384) it needs 1.3e10 (~2 min, ~27 s) plus ~1.6x
+# the conv work of the whole image (the overlaps).
+CPU_NS_PER_SCORE = {"reference": 10.0, "extension": 2.0}
+AUTO_TILE_SECONDS = 20.0
 AUTO_TILE = 128
 
 
@@ -243,11 +248,27 @@ def attention_scores(model, h: int, w: int) -> int:
     return nonlocal_blocks(model) * n * n
 
 
-def auto_tile(model, h: int, w: int, device: torch.device | str) -> int | None:
-    """The tile side for an h x w image when whole-image inference would exceed
-    AUTO_TILE_SCORES attention scores on the CPU; None (whole image) otherwise, and always on
-    other devices (the GPU kernels take whole images)."""
-    if torch.device(device).type != "cpu" or attention_scores(model, h, w) <= AUTO_TILE_SCORES:
+def cpu_attention_path(dtype: torch.dtype = torch.float32) -> str:
+    """The kernel that CPU attention of `dtype` takes under the current backend: "extension"
+    (the fused C++ kernel: built, fp32/bf16, backend not "reference") or "reference"."""
+    from rnan_fast import _ext
+    from rnan_fast._backend import get_backend
+
+    if _ext.EXTENSION_ATTENTION and get_backend() != "reference" and dtype in (torch.float32, torch.bfloat16):
+        return "extension"
+    return "reference"
+
+
+def attention_seconds(model, h: int, w: int, dtype: torch.dtype = torch.float32) -> float:
+    """Estimated CPU time of the attention in one whole-image forward (CPU_NS_PER_SCORE)."""
+    return attention_scores(model, h, w) * CPU_NS_PER_SCORE[cpu_attention_path(dtype)] * 1e-9
+
+
+def auto_tile(model, h: int, w: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> int | None:
+    """The tile side for an h x w image when whole-image attention would take more than
+    AUTO_TILE_SECONDS on the CPU; None (whole image) otherwise, and always on other devices
+    (the GPU kernels take whole images)."""
+    if torch.device(device).type != "cpu" or attention_seconds(model, h, w, dtype) <= AUTO_TILE_SECONDS:
         return None
     return AUTO_TILE
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+import rnan_fast
 from rnan_fast import RNAN, cli
 from rnan_fast import data as D
 from rnan_fast import inference as I
@@ -26,14 +27,26 @@ def net():
     return m.eval()
 
 
-def test_auto_tile_threshold(net):
+def test_auto_tile_threshold(net, monkeypatch):
     assert I.nonlocal_blocks(net) == 2
     assert I.attention_scores(net, 10, 30) == 2 * 300 ** 2
-    # 2 blocks x N^2 crosses AUTO_TILE_SCORES = 2e9 between N = 177*178 and 178*178
-    assert I.attention_scores(net, 177, 178) <= I.AUTO_TILE_SCORES < I.attention_scores(net, 178, 178)
-    assert I.auto_tile(net, 177, 178, "cpu") is None
-    assert I.auto_tile(net, 178, 178, "cpu") == I.AUTO_TILE
-    assert I.auto_tile(net, 512, 768, torch.device("cpu")) == I.AUTO_TILE
+    assert I.AUTO_TILE_SECONDS == 20 and I.CPU_NS_PER_SCORE == {"reference": 10.0, "extension": 2.0}
+    # the reference path (10 ns/score): 2 x N^2 scores pass 20 s between N = 177*178 and 178*178
+    with rnan_fast.use_backend("reference"):
+        assert I.cpu_attention_path(torch.float32) == "reference"
+        assert I.attention_seconds(net, 177, 178) <= 20 < I.attention_seconds(net, 178, 178)
+        assert I.auto_tile(net, 177, 178, "cpu") is None
+        assert I.auto_tile(net, 178, 178, "cpu") == I.AUTO_TILE
+        assert I.auto_tile(net, 512, 768, torch.device("cpu")) == I.AUTO_TILE
+    # the C++ kernel (2 ns/score), where built: between N = 265*266 and 266*266; float64 and
+    # float16 stay on the reference
+    monkeypatch.setattr(rnan_fast._ext, "EXTENSION_ATTENTION", True)
+    assert I.cpu_attention_path(torch.float32) == I.cpu_attention_path(torch.bfloat16) == "extension"
+    assert I.cpu_attention_path(torch.float64) == I.cpu_attention_path(torch.float16) == "reference"
+    assert I.auto_tile(net, 265, 266, "cpu") is None and I.auto_tile(net, 266, 266, "cpu") == I.AUTO_TILE
+    assert I.auto_tile(net, 265, 266, "cpu", torch.float64) == I.AUTO_TILE
+    monkeypatch.setattr(rnan_fast._ext, "EXTENSION_ATTENTION", False)
+    assert I.cpu_attention_path(torch.float32) == "reference"
     # the GPU takes whole images; a model without non-local blocks never tiles
     assert I.auto_tile(net, 2048, 2048, "cuda") is None and I.auto_tile(net, 2048, 2048, "cuda:1") is None
     assert I.auto_tile(nn.Conv2d(3, 3, 3), 4096, 4096, "cpu") is None
@@ -85,8 +98,9 @@ def images(tmp_path):
 
 @pytest.fixture
 def small_threshold(monkeypatch):
-    """Auto-tiling at toy sizes: past 2 x (20*20)^2 scores, 24-pixel tiles."""
-    monkeypatch.setattr(I, "AUTO_TILE_SCORES", 2 * 400 ** 2)
+    """Auto-tiling at toy sizes: past 2 x (20*20)^2 scores on either path, 24-pixel tiles."""
+    monkeypatch.setattr(I, "CPU_NS_PER_SCORE", {"reference": 1.0, "extension": 1.0})
+    monkeypatch.setattr(I, "AUTO_TILE_SECONDS", 2 * 400 ** 2 * 1e-9)
     monkeypatch.setattr(I, "AUTO_TILE", 24)
 
 
@@ -122,7 +136,7 @@ def test_restore_auto_tiles_once_said_and_whole_overrides(net, images, tmp_path,
 
 
 def test_auto_tile_overlap_fits_the_tile(net, monkeypatch):
-    monkeypatch.setattr(I, "AUTO_TILE_SCORES", 0)
+    monkeypatch.setattr(I, "AUTO_TILE_SECONDS", 0)
     monkeypatch.setattr(I, "AUTO_TILE", 20)
     args = cli.build_parser().parse_args(["restore", "x.png", "--tile-overlap", "32", "--quiet"])
     runner = tiling.ImageRunner(args, net, torch.device("cpu"), torch.float32)

@@ -144,8 +144,9 @@ def cmd_restore(args) -> int:
 
 
 def add_parser(sub) -> None:
-    r = sub.add_parser("restore", help="restore image files or folders with a checkpoint",
-                       description="Restore images with an RNAN checkpoint; PNG outputs named after the inputs.",
+    r = sub.add_parser("restore", help="restore image files or folders (the shipped denoiser, or a checkpoint)",
+                       description="Restore images with a shipped RNAN model or a checkpoint; PNG outputs named "
+                                   "after the inputs.",
                        epilog=RESTORE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
     add_model_args(r, default_model=True)

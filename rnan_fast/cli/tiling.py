@@ -26,24 +26,24 @@ class ImageRunner:
     def options(self, img: np.ndarray, name) -> dict:
         """restore_image keywords for this image (tile chosen here when auto-tiling applies);
         the first auto-tiled image is announced once, with the way to force whole images."""
-        from rnan_fast.inference import AUTO_TILE_SCORES, CPU_NS_PER_SCORE, attention_scores, auto_tile
+        from rnan_fast.inference import AUTO_TILE_SECONDS, attention_seconds, auto_tile, cpu_attention_path
 
         kwargs = dict(self.kwargs)
         if not self.auto:
             return kwargs
         h, w = img.shape[:2]
-        tile = auto_tile(self.net, h, w, self.device)
+        tile = auto_tile(self.net, h, w, self.device, self.dtype)
         if tile is None:
             return kwargs
         # the overlap of --tile-overlap, at most half a tile (it may exceed the automatic tile)
         kwargs["tile"], kwargs["overlap"] = tile, min(kwargs["overlap"], tile // 2)
         if not self.told:
             self.told = True
-            seconds = attention_scores(self.net, h, w) * CPU_NS_PER_SCORE * 1e-9
-            limit = AUTO_TILE_SCORES * CPU_NS_PER_SCORE * 1e-9
+            seconds = attention_seconds(self.net, h, w, self.dtype)
+            path = {"extension": "C++ kernel", "reference": "reference"}[cpu_attention_path(self.dtype)]
             _report(f"{PROG}: note: whole-image attention on the CPU grows with (H*W)^2: {name} ({w}x{h}) "
-                    f"would need ~{_duration(seconds)} of it, so images past ~{_duration(limit)} of attention "
-                    f"run in overlapping {tile}x{tile} tiles (overlap {kwargs['overlap']}); pass --whole for "
+                    f"would need ~{_duration(seconds)} of it ({path} path), so images past "
+                    f"~{_duration(AUTO_TILE_SECONDS)} of attention run in overlapping {tile}x{tile} tiles (overlap {kwargs['overlap']}); pass --whole for "
                     f"whole-image inference, or --tile N for other tiles", self.args.quiet)
         return kwargs
 
