@@ -289,3 +289,43 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(train_dir, tmp_path, ho
     run(cfg(train_dir, tmp_path / "whole", steps=target, save_every=1, log_every=100), quiet=True)
     assert_same_training(read_training_checkpoint(tmp_path / "whole" / "last.pt"),
                          read_training_checkpoint(out / "last.pt"))
+
+
+# --------------------------------------------------------------------------- every task trains
+
+@pytest.mark.parametrize("task,opts", [
+    ("denoise_gray", dict(sigma=50.0)), ("car", dict(quality=10)), ("demosaic", {}),
+    ("sr", dict(scale=3, patch_size=8)), ("denoise_rgb", dict(sigma=25.0, precision="bf16")),
+])
+def test_each_task_trains_and_its_checkpoint_fits_eval(train_dir, tmp_path, task, opts, capsys):
+    opts = dict(opts)
+    sigma = opts.pop("sigma", None)
+    out = tmp_path / task
+    result = run(cfg(train_dir, out, task=task, sigma=sigma, steps=2, **opts), quiet=True)
+    assert np.isfinite(result["loss"])
+    net = RNAN.from_checkpoint(out / "last.pt")
+    assert net.config["n_colors"] == D.TASK_COLORS[task] and net.config["scale"] == opts.get("scale", 1)
+    argv = ["eval", "--weights", out / "last.pt", "--task", task, "--data", train_dir, "--limit", 1,
+            "--quiet", "--no-ssim", "--whole"]
+    argv += {"denoise_gray": ["--sigma", 50], "denoise_rgb": ["--sigma", 25], "car": ["--quality", 10],
+             "demosaic": [], "sr": []}[task]
+    code, _, err = _run_cli(argv, capsys)
+    assert code == 0, err
+
+
+def test_init_from_official_weights(train_dir, tmp_path):
+    torch.manual_seed(9)
+    official = RNAN(n_colors=3, scale=1, n_feats=8, n_resgroups=2).state_dict()
+    torch.save({"state_dict": {"module." + k: v for k, v in official.items()}}, tmp_path / "official.pt")
+    run(cfg(train_dir, tmp_path / "run", steps=1, lr=1e-12, init=str(tmp_path / "official.pt")), quiet=True)
+    trained = read_training_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    assert max(float((trained[k] - v).abs().max()) for k, v in official.items()) < 1e-9  # lr ~ 0: the init
+    with pytest.raises(loop.ConfigError, match=r"--init .*n_feats 8 \(run: 16\)"):
+        run(cfg(train_dir, tmp_path / "run16", steps=1, n_feats=16, init=str(tmp_path / "official.pt")), quiet=True)
+
+
+def test_loop_with_data_workers_equals_without(train_dir, tmp_path):
+    run(cfg(train_dir, tmp_path / "w0", steps=2, workers=0), quiet=True)
+    run(cfg(train_dir, tmp_path / "w2", steps=2, workers=2), quiet=True)
+    assert_same_training(read_training_checkpoint(tmp_path / "w0" / "last.pt"),
+                         read_training_checkpoint(tmp_path / "w2" / "last.pt"))

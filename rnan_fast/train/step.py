@@ -158,8 +158,9 @@ class TrainStep:
                 if group.get("differentiable"):
                     raise ValueError("make_train_step: a differentiable optimizer cannot be captured in a CUDA graph")
                 group["capturable"] = True
-                if not isinstance(group["lr"], Tensor):
-                    group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+                lr = group["lr"]  # (a loaded state dict may bring a tensor lr on the CPU)
+                if not (isinstance(lr, Tensor) and lr.device == device):
+                    group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
                 for p in group["params"]:  # state from earlier non-capturable steps: counters onto the GPU
                     state = optimizer.state.get(p, {})
                     if isinstance(state.get("step"), Tensor) and state["step"].device != device:
