@@ -417,16 +417,19 @@ def test_eval_sr_images_smaller_than_scale_or_border(ckpts, crops, tmp_path, cap
 
 
 def test_fast_backend_unavailable_is_a_usage_error(ckpts, crops, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the fast non-local kernel cannot run on CPU tensors
+    """fp16 on the CPU: the C++ attention kernel takes fp32 and bf16 only, and Triton (no
+    interpreter) takes no CPU tensors, so --backend fast is refused before any image is read."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     reads, read = [], D.read_image
     monkeypatch.setattr(D, "read_image", lambda p: reads.append(p) or read(p))
-    code, out, err = _run(["restore", "--weights", ckpts["rgb"], "--backend", "fast", "--device", "cpu",
-                           "-o", tmp_path / "o", "--quiet", crops["rgb"]], capsys)
-    assert code == 2 and "--backend fast" in err and "Traceback" not in err, err
+    fast_fp16 = ["--backend", "fast", "--device", "cpu", "--precision", "fp16", "--quiet"]
+    code, out, err = _run(["restore", "--weights", ckpts["rgb"], "-o", tmp_path / "o", *fast_fp16, crops["rgb"]],
+                          capsys)
+    assert code == 2 and "--backend fast is not available" in err and "fp16" in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists() and reads == []
-    code, out, err = _run(["eval", "--weights", ckpts["rgb"], "--backend", "fast", "--device", "cpu",
-                           "--task", "demosaic", "--data", crops["eval"], "--quiet"], capsys)
-    assert code == 2 and "--backend fast" in err and reads == [] and out == "", err
+    code, out, err = _run(["eval", "--weights", ckpts["rgb"], "--task", "demosaic", "--data", crops["eval"],
+                           *fast_fp16], capsys)
+    assert code == 2 and "--backend fast is not available" in err and reads == [] and out == "", err
 
 
 def test_main_leaves_the_global_backend_alone(ckpts, crops, tmp_path, capsys, monkeypatch):
