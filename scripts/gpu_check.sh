@@ -11,7 +11,7 @@
 #                      .cu and the .cpp files in parallel, each 200-240 s on a loaded 2-core CPU here,
 #                      about a minute unloaded: nvcc for sm_90 is the longest)
 #   backend        20  backend_info(): extension, extension_cuda, triton and cuda must all be true
-#   tests         150  the GPU-relevant test files, untuned (RNAN_FAST_AUTOTUNE=0), in 4 parallel pytest
+#   tests         150  the GPU-relevant test files, untuned (RNAN_FAST_AUTOTUNE=0), in 6 parallel pytest
 #                      processes (one Triton compile costs 1-4 s and compiles run serially in a
 #                      process), not stopping at failures; JUnit XML per group
 #   bench_kernels 120  P1-P4 (attention forward/backward, memory, gate), each beside the naive official
@@ -107,10 +107,13 @@ stage_tests() {
       > "$OUT/tests-$name.log" 2>&1 &
     pids+=($!)
   }
-  group attention tests/test_nonlocal_attention.py -k "not gpu_"
+  # Grouped so that each holds a share of the Triton compiles (the attention tests need ~100).
+  group attention tests/test_nonlocal_attention.py -k "not gpu_ and not fp32_matches_float64"
+  group attention_cases tests/test_nonlocal_attention.py -k "fp32_matches_float64"
   group attention_gpu tests/test_nonlocal_attention.py -k "gpu_"
-  group gate_model tests/test_gated_residual.py tests/test_model_gpu.py
-  group rest tests/test_train*.py tests/test_backend.py tests/test_instruction_mix.py
+  group gate tests/test_gated_residual.py
+  group model tests/test_model_gpu.py tests/test_train*.py
+  group rest tests/test_backend.py tests/test_instruction_mix.py
   for pid in "${pids[@]}"; do
     wait "$pid" || rc=1
   done

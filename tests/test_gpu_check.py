@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import rnan_fast
 from rnan_fast.data import list_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,23 +146,28 @@ def test_dry_run_every_stage_reports_after_failures_and_a_hang(tmp_path):
     for name, stage in by_name.items():
         assert json.loads((out / f"{name}.json").read_text()) == stage       # each written as it ended
         assert (out / stage["log"]).exists()
+    # The backend stage runs the real backend_info() of this machine (without a GPU: cuda missing).
+    info = rnan_fast.backend_info()
+    missing = [k for k in ("extension", "extension_cuda", "triton", "cuda") if not info[k]]
     assert {n: s["status"] for n, s in by_name.items()} == {
-        "build": "failed", "backend": "failed", "tests": "failed", "bench_kernels": "timeout", "bench_model": "passed"}
+        "build": "failed", "backend": "failed" if missing else "passed", "tests": "failed",
+        "bench_kernels": "timeout", "bench_model": "passed"}
     assert "nvcc failed" in (out / "build.log").read_text()
     assert "torch 2.11.0" in (out / "env.txt").read_text()
-    # The real backend_info() of this CPU machine: CUDA missing, said loudly.
-    assert "FAILED: backend_info() has" in (out / "backend.log").read_text()
-    assert "cuda = False" in (out / "backend.log").read_text()
-    assert json.loads((out / "backend_info.json").read_text())["cuda"] is False
-    assert by_name["tests"]["counts"] == {"tests": 20, "failures": 1, "errors": 0, "skipped": 4}
+    backend_log = (out / "backend.log").read_text()
+    assert ("FAILED: backend_info() has" in backend_log) == bool(missing)
+    assert all(f"{k} = False" in backend_log for k in missing)
+    assert json.loads((out / "backend_info.json").read_text())["cuda"] == info["cuda"]
+    groups = (tmp_path / "pytest_calls").read_text().count("--junitxml=")
+    assert groups >= 4
+    assert by_name["tests"]["counts"] == {"tests": 5 * groups, "failures": 1, "errors": 0, "skipped": groups}
     assert by_name["bench_kernels"]["budget_s"] == 3 and 3 <= by_name["bench_kernels"]["seconds"] < 10
     assert by_name["build"]["budget_s"] == 120 and by_name["tests"]["budget_s"] == 150
     assert (out / "bench_model.json").exists() and elapsed < 120
     pid = int((tmp_path / "grandchild.pid").read_text())
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], \
         "the hung stage's child processes must be stopped with it"
-    assert (tmp_path / "pytest_calls").read_text().count("--junitxml=") == 4
-    assert all((out / f"tests-{g}.log").exists() for g in ("attention", "attention_gpu", "gate_model", "rest"))
+    assert len(list(out.glob("tests-*.log"))) == len(list(out.glob("tests-*.xml"))) == groups
 
 
 def test_stage_environment(tmp_path):
@@ -181,6 +187,6 @@ def test_stage_environment(tmp_path):
     rows = [line.split("|") for line in (tmp_path / "pytest_calls").read_text().splitlines()]
     tests = [r for r in rows if "--junitxml=" in r[0]]
     benches = [r for r in rows if "--benchmark-json=" in r[0]]
-    assert len(tests) == 4 and len(benches) == 4
+    assert len(tests) >= 4 and len(benches) == 4
     assert all(r[1] == "0" for r in tests) and all(r[1:3] == ["1", "2"] for r in benches)
     assert all(r[3] == str(REPO / ".gpu_shared") and r[4] == "1" for r in rows)
