@@ -181,8 +181,9 @@ def test_corrupt_or_altered_files_are_named(zoo, tmp_path, monkeypatch):
     with pytest.raises(weights.WeightsError, match="unreadable model card"):
         weights.card(name)
     # unknown names list what there is
-    with pytest.raises(weights.WeightsError, match="tiny_gray"):
-        RNAN.pretrained("nope")
+    for bad in ("nope", "../zoo/tiny_gray", ""):
+        with pytest.raises(weights.WeightsError, match="the models there are: .*tiny_gray"):
+            RNAN.pretrained(bad)
     monkeypatch.setenv(weights.ENV_FOLDER, str(tmp_path / "empty"))
     assert weights.available() == {}
     with pytest.raises(weights.WeightsError, match="no model ships there yet"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ def available() -> dict[str, dict]:
 def card(name: str) -> dict:
     """The card of model `name`; WeightsError naming the models there are when it is unknown."""
     path = folder() / f"{name}.json"
-    if not path.is_file():
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or not path.is_file():
         names = sorted(p.stem for p in folder().glob("*.json")) if folder().is_dir() else []
         there = f"the models there are: {', '.join(names)}" if names else "no model ships there yet"
         raise WeightsError(f"no model named {name!r} in {folder()} ({there})")
