@@ -156,4 +156,13 @@ def test_eval_auto_tiles_with_a_progress_bar(net, images, tmp_path, capsys, smal
     # a.png (40x36) runs in 2 x 2 tiles of 24 with overlap 8: the bar counts them
     total = I.tile_count(40, 36, 24, 8)
     assert total == 4 and re.search(rf"a\.png: .*/{total} .*tile/s", err), err
-    assert "small.png" not in err  # one whole-image pass: no bar inside it
+    # a whole image: a bar over the model's 5 stages (head, 2 non-local groups, body conv, tail)
+    assert re.search(r"small\.png: .*/5 .*stage/s", err), err
+    code, out, err = _run(["eval", "--weights", ckpt, "--task", "denoise_rgb", "--sigma", 20, "--data", images,
+                           "--whole", "--self-ensemble", "--no-ssim", "--limit", 1], capsys)
+    assert code == 0 and re.search(r"a\.png: .*/40 .*stage/s", err), err
+    args = cli.build_parser().parse_args(["restore", "x.png", "--whole", "--quiet"])
+    img = D.read_image(images / "a.png")
+    out = tiling.ImageRunner(args, net, torch.device("cpu"), torch.float32).run(img, "a.png")
+    assert np.array_equal(out, I.restore_image(net, img))
+    assert all(not m._forward_hooks for m in net.modules())  # the stage hooks are gone again

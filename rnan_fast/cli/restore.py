@@ -17,7 +17,8 @@ RESTORE_EPILOG = """\
 Without --weights or --model, the default color denoiser that ships with rnan_fast runs (a note
 names it; `rnan-fast models` lists the others). On the CPU, images whose whole-image attention
 would take more than ~20 s run in overlapping 128-pixel tiles (said once; --whole forces whole
-images, --tile N chooses the tiles); a bar shows the tiles of an image that takes a while.
+images, --tile N chooses the tiles); a bar shows the tiles (or model stages) of an image that
+takes a while.
 The architecture (colours, scale, width, depth) is read from the checkpoint. A gray model gets
 RGB inputs converted with Pillow's convert('L') (ITU-R 601-2 luma, the paper's rgb2gray for gray
 denoising); an RGB model gets gray inputs replicated to three channels. SR models write the

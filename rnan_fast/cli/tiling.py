@@ -53,23 +53,49 @@ class ImageRunner:
         from rnan_fast.inference import restore_image
 
         kwargs = self.options(img, name)
-        unit = "tile" if kwargs["tile"] is not None else ("quadrant" if kwargs["chop"] else "pass")
         bar = None
 
-        def progress(done: int, total: int) -> None:
+        def show(done: int, total: int, unit: str) -> None:
             nonlocal bar
-            if total == 1:  # one whole-image pass: nothing to count inside it
-                return
             if bar is None:
                 bar = tqdm(total=total, desc=getattr(name, "name", str(name)), unit=unit, leave=False,
                            delay=PROGRESS_DELAY_S, disable=self.args.quiet, file=sys.stderr, dynamic_ncols=True)
             bar.update(done - bar.n)
 
+        stages = _stages(self.net) if kwargs["tile"] is None and not kwargs["chop"] else []
+        hooks, progress = [], None
+        if stages:
+            # a whole image is one model call: count the model's stages instead (head, the
+            # groups, tail), once per self-ensemble member
+            total, done = len(stages) * (8 if kwargs["self_ensemble"] else 1), 0
+
+            def tick(*_):
+                nonlocal done
+                done += 1
+                show(done, total, "stage")
+            hooks = [m.register_forward_hook(tick) for m in stages]
+        else:
+            unit = "tile" if kwargs["tile"] is not None else ("quadrant" if kwargs["chop"] else "pass")
+
+            def progress(done: int, total: int) -> None:
+                if total > 1:  # (one pass of a model without stages: nothing to count inside it)
+                    show(done, total, unit)
         try:
             return restore_image(self.net, img, device=self.device, dtype=self.dtype, progress=progress, **kwargs)
         finally:
+            for h in hooks:
+                h.remove()
             if bar is not None:
                 bar.close()
+
+
+def _stages(net) -> list:
+    """RNAN's top-level stages in forward order (head, the groups and the body conv, tail);
+    [] for another model."""
+    try:
+        return [net.head, net.body_nl_low, *net.body, net.body_nl_high, net.tail]
+    except (AttributeError, TypeError):
+        return []
 
 
 def _duration(seconds: float) -> str:
