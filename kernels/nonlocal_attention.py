@@ -145,11 +145,29 @@ _BWD_KV = [(64, 128, 8, 2), (128, 64, 8, 2)] + _BWD_SMALL     # own BLOCK_N keys
 _BWD_Q = [(128, 64, 8, 2), (64, 128, 8, 2)] + _BWD_SMALL      # own BLOCK_M queries
 
 # Untuned defaults (RNAN_FAST_AUTOTUNE=0, as in the GPU tests) that differ from the first entry
-# of the kernel's list: {(kernel, operand kind, d, stats per key): entry}. Operand kind: "fp16",
-# "bf16", or the dot precision of fp32 inputs ("tf32", "tf32x3", "ieee"); d = max(D, DV). Each
-# is the first spill-free entry in ptxas's view (compiled for sm_90 without a GPU; every default
-# is checked by tests/test_instruction_mix.py).
-_DEFAULT_OVERRIDES: dict[tuple[str, str, int, bool], tuple] = {}
+# of the kernel's list: {(kernel, operand kind, d): entry}, one for both softmax modes. Operand
+# kind: "fp16", "bf16", or the dot precision of fp32 inputs ("tf32", "tf32x3", "ieee"); d =
+# max(D, DV). Each is the first spill-free config, in ptxas's report, of the list's first entry
+# and then ever smaller tiles (compiled for sm_90 without a GPU by triton 3.8;
+# tests/test_instruction_mix.py checks every default). fp16, bf16 and tf32 need none. tf32x3
+# splits each operand into two tf32 halves (more live registers); "ieee" dots run on the FMA
+# units with each thread holding whole rows of both operands, hence 8 warps on small tiles.
+# Slow tiles, but spill-free: tuning still chooses among the full lists.
+_TF32X3_64 = {"_fwd_row_kernel": (64, 32, 4, 4), "_col_lse_kernel": (32, 64, 4, 2),
+              "_fwd_known_lse_kernel": (64, 32, 4, 2, 0), "_bwd_kv_kernel": (32, 16, 4, 1),
+              "_bwd_q_kernel": (16, 32, 4, 1)}
+_IEEE = {16: {"_col_lse_kernel": (32, 32, 8, 1), "_bwd_kv_kernel": (32, 32, 8, 1), "_bwd_q_kernel": (32, 32, 8, 1)},
+         32: {"_fwd_row_kernel": (32, 32, 8, 1), "_col_lse_kernel": (32, 32, 8, 1),
+              "_fwd_known_lse_kernel": (32, 32, 8, 1, 0), "_bwd_kv_kernel": (32, 32, 8, 1),
+              "_bwd_q_kernel": (32, 32, 8, 1)},
+         64: {"_fwd_row_kernel": (16, 32, 8, 1), "_col_lse_kernel": (32, 16, 8, 1),
+              "_fwd_known_lse_kernel": (16, 16, 8, 1, 0), "_bwd_kv_kernel": (16, 16, 8, 1),
+              "_bwd_q_kernel": (16, 16, 8, 1)}}
+_DEFAULT_OVERRIDES: dict[tuple[str, str, int], tuple] = {
+    **{(name, "tf32x3", 64): e for name, e in _TF32X3_64.items()},
+    ("_bwd_kv_kernel", "tf32x3", 32): (32, 64, 4, 2),
+    **{(name, "ieee", d): e for d, entries in _IEEE.items() for name, e in entries.items()},
+}
 
 _KEY = ["N_BUCKET", "D", "DV", "PREC"]
 # The backward kernels serve both softmax modes, whose loops differ: tune them apart.
@@ -188,8 +206,7 @@ def _prune(name, configs, named_args, **kwargs):
     kept = [c for c in configs if kwargs["PREC"] == "tf32" or not c.kwargs.get("POLY_PART", 0)]
     if _TUNE_MAX is None:
         return kept
-    default = default_config(name, named_args["Q"].dtype, kwargs["PREC"], max(kwargs["D"], kwargs["DV"]),
-                             kwargs.get("STATS_PER_KEY", True))
+    default = default_config(name, named_args["Q"].dtype, kwargs["PREC"], max(kwargs["D"], kwargs["DV"]))
     return ([default] + [c for c in kept if c.all_kwargs() != default.all_kwargs()])[:_TUNE_MAX]
 
 
@@ -211,10 +228,10 @@ def operand_kind(dtype: torch.dtype, prec: str) -> str:
 
 
 @functools.cache
-def default_config(name: str, dtype: torch.dtype, prec: str, d: int, stats_per_key: bool = True) -> triton.Config:
+def default_config(name: str, dtype: torch.dtype, prec: str, d: int) -> triton.Config:
     """The untuned config of kernel `name` for operands of `dtype` with dot precision `prec` and
-    head dims up to `d`: spill-free on sm_90 (see _DEFAULT_OVERRIDES)."""
-    entry = _DEFAULT_OVERRIDES.get((name, operand_kind(dtype, prec), d, stats_per_key), _ENTRIES[name][0])
+    head dims up to `d`: spill-free on sm_90 in both softmax modes (see _DEFAULT_OVERRIDES)."""
+    entry = _DEFAULT_OVERRIDES.get((name, operand_kind(dtype, prec), d), _ENTRIES[name][0])
     return _configs([entry])[0]
 
 
@@ -234,8 +251,7 @@ def _launch(kernel, grid, *args, **meta):
     its default for these operands (args[0] is Q: its dtype, with PREC, gives the operand kind)."""
     config = _FORCED.get(kernel)
     if config is None and not _TUNE:
-        config = default_config(kernel.base_fn.__name__, args[0].dtype, meta["PREC"],
-                                max(meta["D"], meta["DV"]), meta.get("STATS_PER_KEY", True))
+        config = default_config(kernel.base_fn.__name__, args[0].dtype, meta["PREC"], max(meta["D"], meta["DV"]))
     if config is None:
         kernel[grid](*args, **meta)
     else:

@@ -22,7 +22,7 @@ DEFAULT_OUT = REPO / ".gpu_shared"
 
 # Glob patterns relative to the shared folder, with the tests of the GPU check that read them.
 FILES = {
-    "fixtures/official_*_tiny.pt": "official tiny models and golden outputs (conftest.official_tiny, test_model_gpu.py)",
+    "fixtures/official_*_tiny.pt": "official tiny models, golden outputs (conftest.official_tiny, test_model_gpu.py)",
     "fixtures/official_state_dict_manifest.json": "official state-dict layouts (conftest.official_manifest)",
     "data/Kodak24/kodim0[1-2].png": "test_model_gpu.py: the first two Kodak24 images",
     "data/CBSD68/10108[57].png": "test_model_gpu.py: the first two CBSD68 images (odd sizes)",
