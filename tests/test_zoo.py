@@ -290,6 +290,16 @@ def test_eval_with_a_shipped_model(use_zoo, data_dir, tmp_path, capsys):
     code, _, err = _run(["eval", "--model", "tiny_gray", "--task", "denoise_rgb", "--sigma", 30, "--data", folder,
                          "--quiet"], capsys)
     assert code == 2 and "1-channel" not in err and "3-channel model" in err, err
+    # without --task: the card's (denoise_gray here); the same numbers as with it
+    code, out, err = _run(["eval", "--model", "tiny_gray", "--sigma", 30, "--data", folder, "--quiet"], capsys)
+    assert code == 0 and out.startswith("# denoise_gray sigma 30"), err
+    code, out2, err = _run(["eval", "--model", "tiny_gray", "--task", "denoise_gray", "--sigma", 30, "--data", folder,
+                            "--quiet"], capsys)
+    assert code == 0 and out2.splitlines()[:-1] == out.splitlines()[:-1], err  # (the last line: the time)
+    for argv, needle in ((["--weights", tmp_path / "w.pt"], "--task is required"), (["--baseline"], "--task is required"),
+                         (["--model", "nope"], "no model named 'nope'")):
+        code, out, err = _run(["eval", "--sigma", 30, "--data", folder] + argv, capsys)
+        assert code == 2 and needle in err and out == "", err
 
 
 def test_subprocess_restore_with_env_folder(zoo, tmp_path):

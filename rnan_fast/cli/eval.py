@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from rnan_fast import data as D
-from rnan_fast.cli.models import add_model_args, load_net
+from rnan_fast.cli.models import add_model_args, load_net, model_task
 from rnan_fast.cli.tiling import ImageRunner
 from rnan_fast.cli.common import (EXIT_FAILURES, EXIT_OK, PROG, UserError, _add_runtime_args, _check_backend,
                                   _check_runtime_args, _distributed, _err, _progress, _report)
@@ -129,6 +129,10 @@ def cmd_eval(args) -> int:
     if (args.baseline == "input" and model_given) or (args.baseline is None and not model_given):
         raise UserError("give --weights W.pt or --model NAME (restore and score; with --baseline bm3d, BM3D "
                         "beside it), --baseline (score the degraded input) or --baseline bm3d")
+    if args.task is None:
+        if args.model is None or args.weights is not None:
+            raise UserError(f"--task is required ({', '.join(TASKS)}) unless --model names a shipped model")
+        args.task = model_task(args.model)
     if args.baseline == "bm3d":
         try:
             check_baseline("bm3d", args.task)
@@ -280,7 +284,8 @@ def add_parser(sub) -> None:
                    help="--baseline alone: score the degraded input, no model (bicubic upscale for sr); "
                         "--baseline bm3d: BM3D / CBM3D given the true sigma (denoise_*; the optional bm3d "
                         "package), alone or beside the model's columns on the same noisy images")
-    e.add_argument("--task", required=True, choices=TASKS)
+    e.add_argument("--task", choices=TASKS, help="the degradation protocol (default with --model: the "
+                   "model card's task; required otherwise)")
     e.add_argument("--sigma", type=float, help="noise level (denoise_*), 0..255 scale")
     e.add_argument("--quality", type=int, help="JPEG quality (car)")
     e.add_argument("--scale", type=int, help="SR factor (sr; default: the checkpoint's)")

@@ -57,6 +57,16 @@ def load_net(args, device, default_model: bool = True):
     return net.to(dtype=DTYPES[args.precision]), card
 
 
+def model_task(name: str) -> str:
+    """The eval task of shipped model `name`, from its card (a UserError when there is none)."""
+    from rnan_fast import weights
+
+    try:
+        return weights.card(name)["task"]
+    except weights.WeightsError as e:
+        raise UserError(str(e)) from None
+
+
 def _measured(card: dict) -> str:
     """The card's sigma-30 rows (else its first rows), e.g. "CBSD68 s30 30.12 (BM3D 29.85)"."""
     rows = card.get("measured") or []
