@@ -5,7 +5,7 @@
                       [--self-ensemble] [--overwrite] [--backend auto|reference|fast]
                       [--trust-checkpoint] INPUT...
     rnan-fast eval    (--weights W.pt | --model NAME | --baseline [bm3d]) [--baseline bm3d]
-                      --task denoise_gray|denoise_rgb|car|demosaic|sr
+                      --task denoise_gray|denoise_rgb|car|demosaic|sr (with --model: its card's by default)
                       [--sigma S | --quality Q | --scale s] --data DIR [--limit N] [--csv FILE]
                       [--self-ensemble] [--chop | --tile N] [--seed K] [--quantize-noisy] ...
     rnan-fast train   --task TASK [--sigma S | --sigma-range A B | --quality Q | --scale s]
