@@ -148,8 +148,8 @@ _BWD_Q = [(128, 64, 8, 2), (64, 128, 8, 2)] + _BWD_SMALL      # own BLOCK_M quer
 # of the kernel's list: {(kernel, operand kind, d): entry}, one for both softmax modes. Operand
 # kind: "fp16", "bf16", or the dot precision of fp32 inputs ("tf32", "tf32x3", "ieee"); d =
 # max(D, DV). Each is the first spill-free config, in ptxas's report, of the list's first entry
-# and then ever smaller tiles (compiled for sm_90 without a GPU by triton 3.8;
-# tests/test_instruction_mix.py checks every default). fp16, bf16 and tf32 need none. tf32x3
+# and then ever smaller tiles (compiled for sm_90 without a GPU; spill-free with triton 3.8 and
+# 3.6; tests/test_instruction_mix.py checks every default). fp16, bf16 and tf32 need none. tf32x3
 # splits each operand into two tf32 halves (more live registers); "ieee" dots run on the FMA
 # units with each thread holding whole rows of both operands, hence 8 warps on small tiles.
 # Slow tiles, but spill-free: tuning still chooses among the full lists.

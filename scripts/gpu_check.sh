@@ -100,6 +100,7 @@ EOF
 stage_tests() {
   export RNAN_FAST_AUTOTUNE=0
   local pids=() rc=0 pid
+  rm -f "$OUT"/tests-*.xml "$OUT"/tests-*.log     # a previous run's groups must not be counted
   group() {   # group NAME PYTEST-ARGS...: one pytest process in the background
     local name=$1
     shift
