@@ -156,10 +156,12 @@ def cmd_eval(args) -> int:
     p = _task_params(args, net)
     runner = None if net is None else ImageRunner(args, net, device, DTYPES[args.precision])
     bm3d_beside = args.baseline == "bm3d" and net is not None
-    who = {"input": "baseline (degraded input)", "bm3d": "baseline BM3D (CBM3D for color) given the true sigma",
-           None: ""}[args.baseline if net is None else None]
     if net is not None:
         who = net.describe() + (", beside BM3D (CBM3D for color) given the true sigma" if bm3d_beside else "")
+    elif args.baseline == "bm3d":
+        who = "baseline BM3D (CBM3D for color) given the true sigma"
+    else:
+        who = "baseline (degraded input)"
     width = max(12, max(len(f.name) for f in files))
     if d.main:
         processes = f", {d.world_size} processes" if d.active else ""
