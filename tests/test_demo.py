@@ -76,7 +76,8 @@ def test_demo_errors(zoo, tmp_path, monkeypatch, capsys):
     assert code == 2 and "scikit-image" in err and "rnan_fast[demo]" in err and "Traceback" not in err
     monkeypatch.undo()
     monkeypatch.setenv(weights.ENV_FOLDER, str(zoo))
-    for argv, needle in ((["--sigma", -1], "--sigma"), (["--crop", -3], "--crop"), (["--image", "moon"], "invalid choice")):
+    for argv, needle in ((["--sigma", -1], "--sigma"), (["--crop", -3], "--crop"),
+                         (["--image", "moon"], "invalid choice")):
         code, _, err = _run(["demo", "-o", tmp_path / "d"] + argv, capsys)
         assert code == 2 and needle in err, err
     assert not (tmp_path / "d").exists()

@@ -81,7 +81,8 @@ def check_model(name, data_dir):
     sigma = weights.check_sigma(card)
     noisy = D.add_gaussian_noise(clean, sigma, seed=0)
     gain = psnr(clean, restore_image(net, noisy)) - psnr(clean, noisy)
-    assert gain > card["test_gain_db"], f"{name}: gain {gain:.2f} dB at sigma {sigma}, card bound {card['test_gain_db']}"
+    assert gain > card["test_gain_db"], \
+        f"{name}: gain {gain:.2f} dB at sigma {sigma}, card bound {card['test_gain_db']}"
     return gain
 
 
@@ -296,8 +297,8 @@ def test_eval_with_a_shipped_model(use_zoo, data_dir, tmp_path, capsys):
     code, out2, err = _run(["eval", "--model", "tiny_gray", "--task", "denoise_gray", "--sigma", 30, "--data", folder,
                             "--quiet"], capsys)
     assert code == 0 and out2.splitlines()[:-1] == out.splitlines()[:-1], err  # (the last line: the time)
-    for argv, needle in ((["--weights", tmp_path / "w.pt"], "--task is required"), (["--baseline"], "--task is required"),
-                         (["--model", "nope"], "no model named 'nope'")):
+    for argv, needle in ((["--weights", tmp_path / "w.pt"], "--task is required"),
+                         (["--baseline"], "--task is required"), (["--model", "nope"], "no model named 'nope'")):
         code, out, err = _run(["eval", "--sigma", 30, "--data", folder] + argv, capsys)
         assert code == 2 and needle in err and out == "", err
 

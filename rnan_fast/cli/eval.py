@@ -166,7 +166,8 @@ def cmd_eval(args) -> int:
     if d.main:
         processes = f", {d.world_size} processes" if d.active else ""
         print(f"# {_describe_task(p, args)}; data {args.data} ({len(files)} images{processes}); {who}")
-        print(f"{'image':<{width}}  {'PSNR':>8}  {'SSIM':>6}" + (f"  {'BM3D PSNR':>9}  {'SSIM':>6}" if bm3d_beside else ""))
+        bm3d_cols = f"  {'BM3D PSNR':>9}  {'SSIM':>6}" if bm3d_beside else ""
+        print(f"{'image':<{width}}  {'PSNR':>8}  {'SSIM':>6}{bm3d_cols}")
     rows, failures = [], []  # rows: (index in the file list, row)
     t0 = time.perf_counter()
     mine = list(enumerate(files))[d.rank::d.world_size]

@@ -1,5 +1,6 @@
 """How restore and eval run one image: the user's --tile / --chop / --whole, else CPU auto-tiling
-(rnan_fast.inference.auto_tile), with a per-call progress bar inside the image."""
+(rnan_fast.inference.auto_tile), with a progress bar inside the image (its tiles, or the model's
+stages of a whole image)."""
 from __future__ import annotations
 
 import sys
@@ -43,8 +44,9 @@ class ImageRunner:
             path = {"extension": "C++ kernel", "reference": "reference"}[cpu_attention_path(self.dtype)]
             _report(f"{PROG}: note: whole-image attention on the CPU grows with (H*W)^2: {name} ({w}x{h}) "
                     f"would need ~{_duration(seconds)} of it ({path} path), so images past "
-                    f"~{_duration(AUTO_TILE_SECONDS)} of attention run in overlapping {tile}x{tile} tiles (overlap {kwargs['overlap']}); pass --whole for "
-                    f"whole-image inference, or --tile N for other tiles", self.args.quiet)
+                    f"~{_duration(AUTO_TILE_SECONDS)} of attention run in overlapping {tile}x{tile} tiles "
+                    f"(overlap {kwargs['overlap']}); pass --whole for whole-image inference, or --tile N "
+                    f"for other tiles", self.args.quiet)
         return kwargs
 
     def run(self, img: np.ndarray, name) -> np.ndarray:
