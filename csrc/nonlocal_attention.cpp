@@ -25,7 +25,9 @@
 //   rescaled accumulator, a final divide). N^2 exps.
 // Backward, P recomputed from the statistics, dP = dY g^T, dS = P (dP - D):
 //   "query": key-major pass: loop 1 dG_J = sum_I P^T dY_I, D_j = g_j . dG_j; loop 2 dPhi_J =
-//            sum_I dS^T theta_I; then a query-major pass dTheta_I = sum_J dS phi_J. 3 N^2 exps.
+//            sum_I dS^T theta_I, and dS phi_J into a per-key-block partial of dTheta, summed in
+//            key-block order after (2 N^2 exps); where those partials would exceed 64 MiB, a
+//            query-major pass dTheta_I = sum_J dS phi_J instead (3 N^2 exps).
 //   "key":   query-major pass: loop 1 D_i = sum_j P_ij dP_ij, loop 2 dTheta_I; then a key-major
 //            pass: dG_J and dPhi_J. 3 N^2 exps.
 // Determinism: every output block is owned by one task and accumulated over the other index in
@@ -74,6 +76,9 @@ constexpr float kLog2e = 1.44269504088896341f;
 // (256 at N = 128^2) to share among the threads.
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 256;
+// Column backward: dTheta from per-key-block partial sums while they take at most this much
+// memory (training batches: 9 blocks x 16 x 48^2 x 16 fp32 = 21 MiB), else by a query-major pass.
+constexpr int64_t kPartialBudget = int64_t(64) << 20;
 
 RNAN_ATTN_INLINE float float_from_bits(int32_t bits) {
   float f;
@@ -363,10 +368,14 @@ void forward_row(const Attention& a, float* out, float* stat_m, float* stat_r) {
 }
 
 // ---- backward ---------------------------------------------------------------------------------
+// partial: nullptr, or room for (k_blocks, B, N, d) fp32 (see kPartialBudget): the key-major pass
+// then also writes each key block's share dS_{:,J} phi_J of dTheta, summed over J afterwards in
+// a fixed order, instead of a query-major pass that recomputes S, P, dP and dS (2 of the 8 gemms
+// and 1 of the 3 exps per score).
 void backward_col(const Attention& a, const float* dy, const float* stat_m, const float* stat_r, float* D, float* dq,
-                  float* dk, float* dv_out) {
+                  float* dk, float* dv_out, float* partial) {
   const int64_t N = a.N, nk = a.k_blocks(), nq = a.q_blocks(), d = a.d, dv = a.dv;
-  // Key-major: dG_J, D_J, dPhi_J.
+  // Key-major: dG_J, D_J, dPhi_J (and dTheta's shares).
   at::parallel_for(0, a.B * nk, 1, [&](int64_t begin, int64_t end) {
     Scratch w(d, dv, true);
     for (int64_t t = begin; t < end; ++t) {
@@ -393,12 +402,25 @@ void backward_col(const Attention& a, const float* dy, const float* stat_m, cons
         col_weights(w.s.data(), mi, nj, kBlockK, m, r);
         a.dscores(dy, b, i0, mi, j0, nj, w.dp.data());
         ds_col(w.s.data(), w.dp.data(), mi, nj, kBlockK, Dj);
-        mm(true, false, nj, d, mi, w.s.data(), kBlockK,
-              a.q_rows(b, i0), d, i0 == 0 ? 0.0f : 1.0f, dphi, d);
+        mm(true, false, nj, d, mi, w.s.data(), kBlockK, a.q_rows(b, i0), d, i0 == 0 ? 0.0f : 1.0f, dphi, d);
+        if (partial != nullptr)
+          mm(false, false, mi, d, nj, w.s.data(), kBlockK, a.k_rows(b, j0), d, 0.0f,
+             partial + (((t % nk) * a.B + b) * N + i0) * d, d);
       }
       store_rows(dphi, nj, d, dk + (b * N + j0) * d);
     }
   });
+  if (partial != nullptr) {
+    const int64_t total = a.B * N * d;
+    at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
+      std::copy(partial + begin, partial + end, dq + begin);
+      for (int64_t jb = 1; jb < nk; ++jb) {
+        const float* src = partial + jb * total;
+        for (int64_t e = begin; e < end; ++e) dq[e] += src[e];
+      }
+    });
+    return;
+  }
   // Query-major: dTheta_I.
   at::parallel_for(0, a.B * nq, 1, [&](int64_t begin, int64_t end) {
     Scratch w(d, dv, true);
@@ -554,8 +576,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attention_bwd_cpu(const 
     at::Tensor D = at::empty({B, N}, f32_options);
     const Attention a = problem(q, k, v);
     const float* m = st.const_data_ptr<float>();
-    (col ? backward_col : backward_row)(a, dy.const_data_ptr<float>(), m, m + B * N, D.data_ptr<float>(),
-                                        dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>());
+    if (col) {
+      const int64_t partial_numel = a.k_blocks() * B * N * a.d;
+      at::Tensor partial = partial_numel * 4 <= kPartialBudget ? at::empty({partial_numel}, f32_options) : at::Tensor();
+      backward_col(a, dy.const_data_ptr<float>(), m, m + B * N, D.data_ptr<float>(), dq.data_ptr<float>(),
+                   dk.data_ptr<float>(), dv.data_ptr<float>(), partial.defined() ? partial.data_ptr<float>() : nullptr);
+    } else {
+      backward_row(a, dy.const_data_ptr<float>(), m, m + B * N, D.data_ptr<float>(), dq.data_ptr<float>(),
+                   dk.data_ptr<float>(), dv.data_ptr<float>());
+    }
   }
   return {like(theta, dq), like(phi, dk), like(g, dv)};
 }

@@ -283,3 +283,10 @@ def test_bad_inputs():
         bwd(out, th, ph, g, stats[0], "query")
     with pytest.raises(RuntimeError, match="must match g"):
         bwd(out[:, :5], th, ph, g, stats, "query")
+
+
+def test_column_backward_without_partials():
+    """Above 64 MiB of per-key-block partial sums (k_blocks x B x N x d fp32) the column backward
+    computes dTheta by a query-major pass instead: 33 x 8200 x 64 x 4 B = 66 MiB here (the
+    smallest kind of problem that takes that path; ~15 s, nearly all in the naive references)."""
+    _check_against_float64(*_inputs(1, 8200, 64, 1), "query")
