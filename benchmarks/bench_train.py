@@ -74,7 +74,7 @@ def test_bare_step(benchmark, threads, device, task, tmp_path):
     cfg = _config(device, task, tmp_path)
     net = loop._model(cfg).to(device)
     step = make_train_step(net, make_optimizer(net, lr=cfg.lr), loss="l1" if task == "sr" else "mse",
-                           channels_last=device == "cuda")
+                           channels_last=True)  # as the loop (rnan_fast.train.loop: NHWC on CPUs too)
     images, _ = DS.load_images(cfg.data, task, cfg.patch_size * cfg.model_scale)
     ds = DS.TrainPatches(images, task, cfg.patch_size, cfg.batch_size, cfg.seed, sigma=cfg.sigma,
                          scale=cfg.model_scale)

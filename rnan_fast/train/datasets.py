@@ -30,7 +30,7 @@ from PIL import Image
 from rnan_fast import data as D
 
 __all__ = ["DataError", "load_images", "sample_generator", "TrainPatches", "StepBatches", "dihedral",
-           "validation_pairs", "SR_MARGIN"]
+           "validation_pairs", "worker_init", "default_workers", "SR_MARGIN"]
 
 SR_MARGIN = 3  # LR pixels of context around an SR patch: the bicubic kernel at 1/s reaches 2
 _SAMPLE, _EPOCH = 0, 1  # SeedSequence spawn-key domains: per-sample draws, per-epoch image order

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "init", "shard"]
+__all__ = ["Dist", "init", "initialized", "shutdown", "env_world_size"]
 
 
 @dataclass(frozen=True)
@@ -99,11 +99,10 @@ def init(device: str) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
-def shard(items: list, d: Dist) -> list:
-    """This rank's share of `items`: every world_size-th one from its rank (disjoint, all covered)."""
-    return items[d.rank::d.world_size]
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if initialized():
         dist.destroy_process_group()

@@ -257,6 +257,8 @@ class _Signals:
         return self
 
     def _handle(self, signum, _frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the save
         self.received = signum
 
     def __exit__(self, *exc):
@@ -372,11 +374,13 @@ def run(cfg: TrainConfig, resume: bool = False, quiet: bool = False, message: Ca
     only; default: stderr, through tqdm when the bar is on).
     Raises ConfigError / DataError for unusable settings or data, NonFiniteLoss, Interrupted
     (after saving last.pt)."""
+    joined = not distributed.initialized()  # a caller's own process group is left to the caller
     d = distributed.init(cfg.device)
     try:
         return _run(cfg, d, resume, quiet, message, resumed_state)
     finally:
-        distributed.shutdown()
+        if joined:
+            distributed.shutdown()
 
 
 def _run(cfg, d, resume, quiet, message, state) -> dict:
@@ -427,10 +431,14 @@ def _run(cfg, d, resume, quiet, message, state) -> dict:
         net.load_state_dict(state["model"])
     elif cfg.init:
         _load_init(net, cfg.init)
-    net.to(device)
+    # channels_last on the CPU too: oneDNN's NHWC convolutions made a CPU step of RNAN (n_feats 32,
+    # 4 groups, batch 16, 48x48) 1.8x faster in fp32 (16.8 -> 9.5 s) and 1.7x in bf16 (11.4 -> 6.7 s),
+    # measured in one run on a loaded 2-core machine. Set here, before DDP: its gradient buckets
+    # take the parameters' layout at construction (a later change scrambles the averaged gradients).
+    net.to(device=device, memory_format=torch.channels_last)
     ema = None
     if cfg.ema is not None:
-        ema = copy.deepcopy(net).requires_grad_(False)
+        ema = copy.deepcopy(net).requires_grad_(False)  # same layout: one fast foreach lerp
         if state is not None:
             ema.load_state_dict(state["ema"])
     optimizer = make_optimizer(net, lr=cfg.lr)
@@ -449,7 +457,7 @@ def _run(cfg, d, resume, quiet, message, state) -> dict:
         trained = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     # The CUDA graph holds one process's whole step; DDP's gradient all-reduce runs eagerly.
     step_fn = make_train_step(trained, optimizer, loss="l1" if cfg.task == "sr" else "mse",
-                              precision=cfg.precision, channels_last=device.type == "cuda",
+                              precision=cfg.precision, channels_last=True,
                               cuda_graph=device.type == "cuda" and not d.active)
     dataset = DS.TrainPatches(images, cfg.task, cfg.patch_size, cfg.batch_size, cfg.seed,
                               sigma=cfg.sigma, sigma_range=tuple(cfg.sigma_range) if cfg.sigma_range else None,
