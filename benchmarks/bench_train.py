@@ -37,7 +37,7 @@ SHARED = Path(os.environ.get("RNAN_FAST_SHARED", Path(__file__).resolve().parent
 KODAK = SHARED / "data" / "Kodak24"
 TARGET_RATIO = 0.9
 CASES = {
-    "cpu": dict(device="cpu", n_feats=8, n_resgroups=2, batch_size=16, patch_size=24, workers=0, steps=6),
+    "cpu": dict(device="cpu", n_feats=8, n_resgroups=2, batch_size=16, patch_size=24, workers=0, steps=12),
     "cuda": dict(device="cuda", n_feats=64, n_resgroups=10, batch_size=16, patch_size=48, workers=4, steps=60),
 }
 TASKS = {"denoise_rgb": dict(sigma=25.0), "sr": dict(scale=2)}
@@ -87,7 +87,7 @@ def test_bare_step(benchmark, threads, device, task, tmp_path):
         sync()
 
     one()  # capture (CUDA) / first-call allocation
-    benchmark.pedantic(one, rounds=5 if device == "cpu" else 50, warmup_rounds=1)
+    benchmark.pedantic(one, rounds=11 if device == "cpu" else 50, warmup_rounds=1)
     ips = cfg.batch_size / benchmark.stats.stats.median
     benchmark.extra_info["images_per_s"] = ips
     RESULTS[(device, task, "step")] = ips
