@@ -30,6 +30,8 @@ export OUT PY=${PY:-python3} PYTHONUNBUFFERED=1
 export RNAN_FAST_SHARED=${RNAN_FAST_SHARED:-$PWD/.gpu_shared} RNAN_FAST_REQUIRE_SHARED=1
 STAGES=()
 FAILED=0
+[ -d "$RNAN_FAST_SHARED/fixtures" ] || echo "WARNING: no test data at $RNAN_FAST_SHARED (make it with" \
+  "scripts/bundle_shared.py beside ../shared and carry .gpu_shared): the data-reading tests will fail"
 
 # run_stage NAME BUDGET_S FUNCTION: runs FUNCTION under `timeout` (its whole process group is
 # stopped at the limit), output to $OUT/NAME.log, then writes $OUT/NAME.json.

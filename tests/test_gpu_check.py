@@ -140,6 +140,7 @@ def test_dry_run_every_stage_reports_after_failures_and_a_hang(tmp_path):
     run = subprocess.run(["bash", str(CHECK)], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     elapsed = time.monotonic() - start
     assert run.returncode == 1, run.stdout + run.stderr
+    assert ("WARNING: no test data" in run.stdout) == (not (REPO / ".gpu_shared" / "fixtures").is_dir())
     summary = json.loads((out / "summary.json").read_text())
     assert [s["stage"] for s in summary] == ["build", "backend", "tests", "bench_kernels", "bench_model"]
     by_name = {s["stage"]: s for s in summary}
