@@ -329,3 +329,23 @@ def test_loop_with_data_workers_equals_without(train_dir, tmp_path):
     run(cfg(train_dir, tmp_path / "w2", steps=2, workers=2), quiet=True)
     assert_same_training(read_training_checkpoint(tmp_path / "w0" / "last.pt"),
                          read_training_checkpoint(tmp_path / "w2" / "last.pt"))
+
+
+def test_learning_rate_schedules(train_dir, tmp_path):
+    step = cfg(train_dir, tmp_path, steps=10**6)  # the official: halved every 200,000 steps
+    assert [loop.learning_rate(step, t) for t in (0, 199_999, 200_000, 399_999, 400_000)] == \
+        [1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5]
+    cosine = cfg(train_dir, tmp_path, steps=1000, schedule="cosine", lr=2e-4)
+    assert loop.learning_rate(cosine, 0) == 2e-4
+    assert loop.learning_rate(cosine, 500) == pytest.approx(1e-4, rel=1e-12)
+    assert loop.learning_rate(cosine, 1000) == pytest.approx(0.0, abs=1e-20)
+    lrs = [loop.learning_rate(cosine, t) for t in range(0, 1001, 50)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_sigma_range_draws_a_level_per_patch(train_dir):
+    """Each patch's noise level is uniform in [A, B]: recovered from the noise it carries."""
+    images, _ = DS.load_images([str(train_dir)], "denoise_gray", 16)
+    ds = DS.TrainPatches(images, "denoise_gray", 16, 8, seed=1, sigma_range=(10.0, 40.0))
+    levels = [float((lq - gt).std()) for lq, gt in (ds[n] for n in range(32))]
+    assert 8.0 < min(levels) and max(levels) < 45.0 and max(levels) - min(levels) > 10.0
