@@ -48,6 +48,7 @@ add_parser(subparsers) and its cmd_* function; rnan_fast.cli.common holds what t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rnan_fast.cli import bench, demo, eval, models, restore, train
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         with rnan_fast.use_backend(backend):  # scoped: in-process callers keep their setting
             return args.func(args)
     except UserError as e:
-        _err(str(e))
+        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
+        _err(str(e) if rank == "0" else f"(rank {rank}) {e}")  # torchrun: each rank's own line, rank 0's plain
         return e.code
     except KeyboardInterrupt:
         _err("interrupted")
