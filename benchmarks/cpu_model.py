@@ -5,9 +5,10 @@ attention kernel) in one run, written as JSON:
 
   infer  RNAN (RGB denoising, n_feats 64, 10 groups) on one 256x256 image, whole image,
          torch.inference_mode, fp32 (target: at most 1/5 of the 226 s the reference took).
-  train  one training step (rnan_fast.train.make_train_step, eager on the CPU, fp32, MSE, Adam):
+  train  one training step (rnan_fast.train.make_train_step with its defaults: eager on the CPU,
+         channels_last, fp32, MSE, Adam):
          RGB, n_feats 32, 4 groups, batch 16, 48x48 (target: at most 2 s per step).
-Times are the median of --repeat calls after one warm-up call (the inference case: of
+Times (wall, and CPU time / threads) are the median of --repeat calls after one warm-up call (the inference case: of
 --infer-repeat calls, no warm-up, since one reference call takes minutes). Each case runs the
 backends alternately, so that the load of a shared machine falls on both alike.
 """
@@ -32,14 +33,15 @@ TRAIN = dict(config=dict(n_colors=3, scale=1, n_feats=32, n_resgroups=4, rgb_ran
              target_s=2.0)
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of one call."""
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _times(calls: dict, repeat: int, warmup: bool) -> dict:
-    """{backend: [seconds]} for callables run alternately, `repeat` times each."""
+    """{backend: [(wall, cpu) seconds]} for callables run alternately, `repeat` times each."""
     if warmup:
         for backend, fn in calls.items():
             with rnan_fast.use_backend(backend):
@@ -73,19 +75,23 @@ def train_case(repeat: int) -> dict:
     for backend in BACKENDS:
         torch.manual_seed(0)
         net = rnan_fast.RNAN(**TRAIN["config"])
-        step = make_train_step(net, make_optimizer(net), loss="mse", precision="fp32", channels_last=False)
+        step = make_train_step(net, make_optimizer(net), loss="mse", precision="fp32")   # defaults: channels_last
         steps[backend] = (lambda s: lambda: float(s(noisy, clean)))(step)
     times = _times(steps, repeat, warmup=True)
     return _summary("train", times, TRAIN["target_s"], batch=TRAIN["batch"], patch=TRAIN["patch"], **TRAIN["config"])
 
 
 def _summary(case: str, times: dict, target_s: float, **fields) -> dict:
-    med = {b: statistics.median(t) for b, t in times.items()}
-    row = {"case": case, **fields, "seconds": times, "median_s": med,
+    """Medians of wall time and of CPU time / threads: on a machine shared with other jobs the
+    latter estimates the wall time the call would take alone (the work is parallel throughout)."""
+    threads = torch.get_num_threads()
+    med = {b: statistics.median(w for w, _ in t) for b, t in times.items()}
+    alone = {b: statistics.median(c for _, c in t) / threads for b, t in times.items()}
+    row = {"case": case, **fields, "wall_cpu_seconds": times, "median_s": med, "cpu_s_per_thread": alone,
            "speedup": med["reference"] / med["auto"], "target_s": target_s, "target_met": med["auto"] <= target_s}
-    print(f"{case}: reference {med['reference']:.2f} s, auto {med['auto']:.2f} s "
-          f"({row['speedup']:.1f}x; target <= {target_s:.1f} s: {'met' if row['target_met'] else 'missed'})",
-          flush=True)
+    print(f"{case}: reference {med['reference']:.2f} s, auto {med['auto']:.2f} s ({row['speedup']:.1f}x); "
+          f"CPU s / thread: reference {alone['reference']:.2f}, auto {alone['auto']:.2f}; "
+          f"target <= {target_s:.1f} s: {'met' if row['target_met'] else 'missed'} (wall)", flush=True)
     return row
 
 
