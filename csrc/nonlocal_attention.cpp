@@ -8,7 +8,8 @@
 //
 // Flash structure: the scores exist only as tiles of kBlockQ queries x kBlockK keys (64 KiB of
 // fp32 each, in L2); nothing of size N x N is ever stored. Extra memory: stats (2, B, N) fp32,
-// plus D (B, N) fp32 in the backward, plus O(tile) per thread.
+// plus D (B, N) fp32 in the backward, plus O(tile) per thread, plus in the column backward up to
+// kPartialBudget (64 MiB) of partial sums of dTheta.
 //
 // Statistics, as the Triton kernel keeps them: stats[0] = m, the max score of each softmax
 // (natural units), stats[1] = r = log2 sum exp2((S - m) log2 e); every weight is then
@@ -35,7 +36,8 @@
 // bit-identical from run to run and for any number of threads (the tests check 1 vs 2 threads).
 //
 // Arithmetic, all fp32: score, dP and product tiles go through MKL's sgemm (blocked and
-// vectorised; called from inside the parallel loop, where MKL runs single-threaded), the
+// vectorised; called from inside the parallel loop, where MKL runs single-threaded; ATen's mm
+// where PyTorch was built without MKL), the
 // elementwise work on a tile (exp2, max, sums, dS) through plain C++ loops compiled for three
 // x86-64 levels (target_clones; AVX-512 here), with a polynomial exp2 (relative error ~3e-9 plus
 // rounding) so that they vectorise. bf16 inputs are widened to fp32 once (O(N d)) and the results
