@@ -233,6 +233,20 @@ def _cpu_rounds(seconds):
     return max(2, min(10, int(4.0 / max(seconds, 1e-3))))
 
 
+def _cpu_bench(benchmark, provider, B, N, d, dtype_name, backward):
+    """Times one provider on fresh (B, N, d) inputs: one warm-up call sets the rounds (about 4 s in
+    all, 2 to 10 rounds), then extra_info gets ns_per_score = median / (B N^2)."""
+    th, ph, g, dout = _cpu_inputs(B, N, d, DTYPES[dtype_name], backward)
+    run = _cpu_call(CPU_PROVIDERS[provider], th, ph, g, backward, dout)
+    t0 = time.perf_counter()
+    run()
+    benchmark.pedantic(run, rounds=_cpu_rounds(time.perf_counter() - t0), iterations=1)
+    t = benchmark.stats.stats.median
+    benchmark.extra_info.update({"provider": provider, "B": B, "N": N, "d": d, "dtype": dtype_name,
+                                 "ns_per_score": t / (B * N * N) * 1e9, "threads": torch.get_num_threads(),
+                                 "device": "cpu", "torch": torch.__version__})
+
+
 @needs_cpu_kernel
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("B,N", CPU_FWD_SHAPES, ids=[f"B{b}-N{n}" for b, n in CPU_FWD_SHAPES])
@@ -244,15 +258,7 @@ def test_cpu_forward(benchmark, provider, B, N, dtype_name):
         pytest.skip(f"naive needs {2 * N * N * 4 / 2**30:.0f} GiB of scores and probabilities at N = {N}")
     if provider in ("naive", "reference") and (dtype != torch.float32 or N > 16384):
         pytest.skip("naive and reference: fp32 up to N = 16384 only (minutes per call beyond)")
-    th, ph, g, dout = _cpu_inputs(B, N, D, dtype, False)
-    run = _cpu_call(CPU_PROVIDERS[provider], th, ph, g, False, dout)
-    t0 = time.perf_counter()
-    run()
-    benchmark.pedantic(run, rounds=_cpu_rounds(time.perf_counter() - t0), iterations=1)
-    t = benchmark.stats.stats.median
-    benchmark.extra_info.update({"provider": provider, "B": B, "N": N, "d": D, "dtype": dtype_name,
-                                 "ns_per_score": t / (B * N * N) * 1e9, "threads": torch.get_num_threads(),
-                                 "device": "cpu", "torch": torch.__version__})
+    _cpu_bench(benchmark, provider, B, N, D, dtype_name, backward=False)
 
 
 @needs_cpu_kernel
@@ -263,16 +269,7 @@ def test_cpu_train_shape(benchmark, provider, dtype_name):
     dtype = DTYPES[dtype_name]
     if provider in ("naive", "reference") and dtype != torch.float32:
         pytest.skip("naive and reference: fp32 only")
-    B, N, d = CPU_TRAIN
-    th, ph, g, dout = _cpu_inputs(B, N, d, dtype, True)
-    run = _cpu_call(CPU_PROVIDERS[provider], th, ph, g, True, dout)
-    t0 = time.perf_counter()
-    run()
-    benchmark.pedantic(run, rounds=_cpu_rounds(time.perf_counter() - t0), iterations=1)
-    t = benchmark.stats.stats.median
-    benchmark.extra_info.update({"provider": provider, "B": B, "N": N, "d": d, "dtype": dtype_name,
-                                 "ns_per_score": t / (B * N * N) * 1e9, "threads": torch.get_num_threads(),
-                                 "device": "cpu", "torch": torch.__version__})
+    _cpu_bench(benchmark, provider, *CPU_TRAIN, dtype_name, backward=True)
 
 
 @needs_cpu_kernel
