@@ -12,35 +12,13 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
+#include "cpu_math.h"
 #include "gated_residual.h"
-
-// Runtime dispatch for the CPU loops: GCC compiles each annotated function for a baseline, an
-// AVX2+FMA and an AVX-512 target and picks one at load time, so the wheel runs on any x86-64
-// and the loops below vectorise on the machines that have the wider units.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define RNAN_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define RNAN_CPU_CLONES
-#endif
-#if defined(__GNUC__)
-#define RNAN_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define RNAN_ALWAYS_INLINE inline
-#endif
 
 namespace rnan_fast {
 namespace {
-
-// The float with these bits (std::bit_cast is C++20; this file also builds as C++17, the
-// extension default of older PyTorch releases).
-RNAN_ALWAYS_INLINE float float_from_bits(int32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
 
 // exp(a) in float32 written in plain arithmetic (range reduction by ln 2 and a degree-5
 // polynomial, about 2 ulp) so that the loops calling it vectorise; std::exp would be a scalar
@@ -63,7 +41,7 @@ RNAN_ALWAYS_INLINE float exp_f32(float a) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float er = p * r * r + r + 1.0f;
-  const float scale = float_from_bits((static_cast<int32_t>(k) + 127) << 23);  // 2^k, k in [-126, 127]
+  const float scale = cpu::float_from_bits((static_cast<int32_t>(k) + 127) << 23);  // 2^k, k in [-126, 127]
   return nan ? a : er * scale;
 }
 

@@ -52,21 +52,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <string_view>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define RNAN_ATTN_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define RNAN_ATTN_CLONES
-#endif
-#if defined(__GNUC__)
-#define RNAN_ATTN_INLINE inline __attribute__((always_inline))
-#else
-#define RNAN_ATTN_INLINE inline
-#endif
+#include "cpu_math.h"
 
 namespace rnan_fast {
 namespace {
@@ -82,18 +72,12 @@ constexpr int64_t kBlockK = 256;
 // memory (training batches: 9 blocks x 16 x 48^2 x 16 fp32 = 21 MiB), else by a query-major pass.
 constexpr int64_t kPartialBudget = int64_t(64) << 20;
 
-RNAN_ATTN_INLINE float float_from_bits(int32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
 // 2^x in float32 by plain arithmetic so that the loops calling it vectorise: k = round(x) by the
 // 1.5 * 2^23 trick, 2^(x - k) on [-1/2, 1/2] by a degree-6 polynomial (relative error 2.6e-9,
 // fitted here with p(0) = 1 exactly, so exp2(0) = 1), times 2^k from the exponent bits. x is
 // clamped to [-127, 127]: below -127 the result is exactly 0 (the exponent field is 0), which is
 // what a weight of 2^-127 should be; -inf gives 0 and NaN passes through.
-RNAN_ATTN_INLINE float exp2_f32(float x) {
+RNAN_ALWAYS_INLINE float exp2_f32(float x) {
   const bool nan = !(x == x);
   float c = nan ? 0.0f : x;
   c = c < -127.0f ? -127.0f : c;
@@ -107,7 +91,7 @@ RNAN_ATTN_INLINE float exp2_f32(float x) {
   p = p * f + 2.4022646248e-1f;
   p = p * f + 6.9314718246e-1f;
   p = p * f + 1.0f;
-  const float scale = float_from_bits((static_cast<int32_t>(k) + 127) << 23);
+  const float scale = cpu::float_from_bits((static_cast<int32_t>(k) + 127) << 23);
   return nan ? x : p * scale;
 }
 
@@ -116,7 +100,7 @@ RNAN_ATTN_INLINE float exp2_f32(float x) {
 // reassociating it changes the result), and the result depends on n only, not on the threads.
 constexpr int64_t kLanes = 16;
 
-RNAN_ATTN_INLINE float row_max(const float* __restrict x, int64_t n, float init) {
+RNAN_ALWAYS_INLINE float row_max(const float* __restrict x, int64_t n, float init) {
   float part[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) part[l] = init;
   int64_t j = 0;
@@ -128,7 +112,7 @@ RNAN_ATTN_INLINE float row_max(const float* __restrict x, int64_t n, float init)
   return mx;
 }
 
-RNAN_ATTN_INLINE float lanes_total(const float* part) {
+RNAN_ALWAYS_INLINE float lanes_total(const float* part) {
   float total = 0.0f;
   for (int64_t l = 0; l < kLanes; ++l) total += part[l];
   return total;
@@ -136,8 +120,8 @@ RNAN_ATTN_INLINE float lanes_total(const float* part) {
 
 // ---- elementwise work on one score tile s (rows x cols, row stride ld), fp32 -------------------
 // Column statistics: online update of (m_j, l_j) over one more block of queries.
-RNAN_ATTN_CLONES void col_stats_update(const float* __restrict s, int64_t rows, int64_t cols, int64_t ld,
-                                       float* __restrict m, float* __restrict l, float* __restrict tmax) {
+RNAN_CPU_CLONES void col_stats_update(const float* __restrict s, int64_t rows, int64_t cols, int64_t ld,
+                                      float* __restrict m, float* __restrict l, float* __restrict tmax) {
   for (int64_t j = 0; j < cols; ++j) tmax[j] = m[j];
   for (int64_t i = 0; i < rows; ++i) {
     const float* row = s + i * ld;
@@ -152,8 +136,8 @@ RNAN_ATTN_CLONES void col_stats_update(const float* __restrict s, int64_t rows, 
 }
 
 // Column weights in place: s_ij <- exp2((s_ij - m_j) log2e - r_j).
-RNAN_ATTN_CLONES void col_weights(float* __restrict s, int64_t rows, int64_t cols, int64_t ld,
-                                  const float* __restrict m, const float* __restrict r) {
+RNAN_CPU_CLONES void col_weights(float* __restrict s, int64_t rows, int64_t cols, int64_t ld,
+                                 const float* __restrict m, const float* __restrict r) {
   for (int64_t i = 0; i < rows; ++i) {
     float* row = s + i * ld;
     for (int64_t j = 0; j < cols; ++j) row[j] = exp2_f32((row[j] - m[j]) * kLog2e - r[j]);
@@ -161,8 +145,8 @@ RNAN_ATTN_CLONES void col_weights(float* __restrict s, int64_t rows, int64_t col
 }
 
 // Row weights in place: s_ij <- exp2((s_ij - m_i) log2e - r_i).
-RNAN_ATTN_CLONES void row_weights(float* __restrict s, int64_t rows, int64_t cols, int64_t ld,
-                                  const float* __restrict m, const float* __restrict r) {
+RNAN_CPU_CLONES void row_weights(float* __restrict s, int64_t rows, int64_t cols, int64_t ld,
+                                 const float* __restrict m, const float* __restrict r) {
   for (int64_t i = 0; i < rows; ++i) {
     float* row = s + i * ld;
     const float mi = m[i], ri = r[i];
@@ -172,8 +156,8 @@ RNAN_ATTN_CLONES void row_weights(float* __restrict s, int64_t rows, int64_t col
 
 // Online row softmax over one more key block: s <- exp2((s - m_new) log2e), l and the
 // accumulator rows (acc, rows x dv) rescaled by exp2((m_old - m_new) log2e), l += row sums.
-RNAN_ATTN_CLONES void row_online(float* __restrict s, int64_t rows, int64_t cols, int64_t ld,
-                                 float* __restrict m, float* __restrict l, float* __restrict acc, int64_t dv) {
+RNAN_CPU_CLONES void row_online(float* __restrict s, int64_t rows, int64_t cols, int64_t ld,
+                                float* __restrict m, float* __restrict l, float* __restrict acc, int64_t dv) {
   for (int64_t i = 0; i < rows; ++i) {
     float* row = s + i * ld;
     const float mx = row_max(row, cols, m[i]);
@@ -197,8 +181,8 @@ RNAN_ATTN_CLONES void row_online(float* __restrict s, int64_t rows, int64_t cols
 }
 
 // dS in place of P: column mode dS_ij = P_ij (dP_ij - D_j), row mode dS_ij = P_ij (dP_ij - D_i).
-RNAN_ATTN_CLONES void ds_col(float* __restrict p, const float* __restrict dp, int64_t rows, int64_t cols, int64_t ld,
-                             const float* __restrict D) {
+RNAN_CPU_CLONES void ds_col(float* __restrict p, const float* __restrict dp, int64_t rows, int64_t cols, int64_t ld,
+                            const float* __restrict D) {
   for (int64_t i = 0; i < rows; ++i) {
     float* row = p + i * ld;
     const float* drow = dp + i * ld;
@@ -206,8 +190,8 @@ RNAN_ATTN_CLONES void ds_col(float* __restrict p, const float* __restrict dp, in
   }
 }
 
-RNAN_ATTN_CLONES void ds_row(float* __restrict p, const float* __restrict dp, int64_t rows, int64_t cols, int64_t ld,
-                             const float* __restrict D) {
+RNAN_CPU_CLONES void ds_row(float* __restrict p, const float* __restrict dp, int64_t rows, int64_t cols, int64_t ld,
+                            const float* __restrict D) {
   for (int64_t i = 0; i < rows; ++i) {
     float* row = p + i * ld;
     const float* drow = dp + i * ld;
@@ -217,8 +201,8 @@ RNAN_ATTN_CLONES void ds_row(float* __restrict p, const float* __restrict dp, in
 }
 
 // D_i += sum_j P_ij dP_ij (row mode, one key block).
-RNAN_ATTN_CLONES void row_dot_add(const float* __restrict p, const float* __restrict dp, int64_t rows, int64_t cols,
-                                  int64_t ld, float* __restrict D) {
+RNAN_CPU_CLONES void row_dot_add(const float* __restrict p, const float* __restrict dp, int64_t rows, int64_t cols,
+                                 int64_t ld, float* __restrict D) {
   for (int64_t i = 0; i < rows; ++i) {
     const float* row = p + i * ld;
     const float* drow = dp + i * ld;
