@@ -24,6 +24,7 @@ benchmark rows (the shared data README):
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
@@ -35,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from rnan_fast.imresize import imresize, to_uint8
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "ImageReadError", "read_image", "write_png_atomic", "list_images",
+    "IMAGE_EXTENSIONS", "ImageReadError", "read_image", "atomic_write", "write_png_atomic", "list_images",
     "to_gray", "to_rgb", "rgb_to_y", "add_gaussian_noise", "noise_seed", "jpeg", "mosaic",
     "modcrop", "bicubic_downscale", "bicubic_upscale", "to_uint8", "TASKS", "TASK_COLORS",
     "ground_truth", "degrade",
@@ -97,18 +98,24 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 _MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def write_png_atomic(path: str | os.PathLike, img: np.ndarray) -> None:
-    """Write a uint8 (H, W) or (H, W, 3) array as PNG: a temporary file in the same folder,
-    then os.replace, so a reader never sees a half-written file and no temporary is left."""
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, *, mode: int | None = None, durable: bool = False):
+    """A binary file to write in a with-block; it becomes `path` when the block ends without error.
+    The bytes go to a temporary file in the same folder, then os.replace: a reader never sees a
+    half-written file, and on any error (KeyboardInterrupt included) the temporary is removed
+    and `path` is left as it was. mode: the permission bits to give the file (mkstemp makes
+    0600). durable: fsync the file before the rename and the folder after it, so that the new
+    file survives a power cut (a crash, SIGKILL included, already sees the old or the new one)."""
     path = Path(path)
-    img = np.asarray(img)
-    if img.dtype != np.uint8:
-        raise TypeError(f"write_png_atomic expects uint8, got {img.dtype}")
-    fd, tmp = tempfile.mkstemp(prefix="." + path.stem + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            Image.fromarray(img).save(f, format="PNG")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -116,6 +123,23 @@ def write_png_atomic(path: str | os.PathLike, img: np.ndarray) -> None:
         except OSError:
             pass
         raise
+    if durable:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power cut only once the folder is synced
+        finally:
+            os.close(dir_fd)
+
+
+def write_png_atomic(path: str | os.PathLike, img: np.ndarray) -> None:
+    """Write a uint8 (H, W) or (H, W, 3) array as PNG through atomic_write, with the permissions
+    of an ordinary new file (0666 less the umask): a reader never sees a half-written file and
+    no temporary is left."""
+    img = np.asarray(img)
+    if img.dtype != np.uint8:
+        raise TypeError(f"write_png_atomic expects uint8, got {img.dtype}")
+    with atomic_write(path, mode=0o666 & ~_umask()) as f:
+        Image.fromarray(img).save(f, format="PNG")
 
 
 def _umask() -> int:

@@ -218,6 +218,24 @@ def test_write_png_atomic(tmp_path):
     assert os.listdir(tmp_path) == ["x.png"]
 
 
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_atomic_write_replaces_only_on_success(tmp_path, durable):
+    out = tmp_path / "state.bin"
+    payload = np.random.default_rng(1).bytes(1000)
+    with D.atomic_write(out, durable=durable) as f:
+        f.write(payload)
+    assert out.read_bytes() == payload and os.listdir(tmp_path) == ["state.bin"]
+    assert out.stat().st_mode & 0o777 == 0o600          # mkstemp's bits unless a mode is given
+    with pytest.raises(KeyboardInterrupt):               # an interrupt mid-write: old file, no temporary
+        with D.atomic_write(out, durable=durable, mode=0o644) as f:
+            f.write(payload[:10])
+            raise KeyboardInterrupt
+    assert out.read_bytes() == payload and os.listdir(tmp_path) == ["state.bin"]
+    with D.atomic_write(out, durable=durable, mode=0o640) as f:
+        f.write(payload[::-1])
+    assert out.read_bytes() == payload[::-1] and out.stat().st_mode & 0o777 == 0o640
+
 # --------------------------------------------------------------------------- metrics
 
 def _ssim_direct(a, b):

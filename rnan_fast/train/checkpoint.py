@@ -23,37 +23,20 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
-from pathlib import Path
 
 import torch
 
+from rnan_fast.data import atomic_write
 from rnan_fast.model import TRAINING_FORMAT, CheckpointError
 
 __all__ = ["write_checkpoint", "read_training_checkpoint", "rng_state", "set_rng_state", "TRAINING_FORMAT"]
 
 
 def write_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """torch.save(state) to `path` atomically (temporary file, fsync, rename, fsync of the folder)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut only once the folder is synced
-    finally:
-        os.close(dir_fd)
+    """torch.save(state) to `path` atomically and durably (rnan_fast.data.atomic_write: temporary
+    file, fsync, rename, fsync of the folder)."""
+    with atomic_write(path, durable=True) as f:
+        torch.save(state, f)
 
 
 def read_training_checkpoint(path: str | os.PathLike) -> dict:
