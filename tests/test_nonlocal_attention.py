@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rnan_fast import _ext, reference
+from rnan_fast import _backend, _ext, reference
 from rnan_fast.ops import nonlocal_attention
 
 op = torch.ops.rnan_fast.nonlocal_attention
@@ -164,10 +164,28 @@ def test_default_is_official_query_softmax():
     torch.testing.assert_close(y, torch.softmax(S, dim=1) @ g)
 
 
-def test_auto_backend_uses_reference_on_cpu():
-    th, ph, g = make_inputs(1, 20, 16, 16, seed=5)
-    y = nonlocal_attention(th, ph, g)          # "auto" never picks the interpreter
-    torch.testing.assert_close(y, reference.nonlocal_attention_naive(th, ph, g))
+# Output tolerance against float64 of the same (rounded) inputs: bf16 / fp16 outputs are rounded
+# to 8 / 11 significant bits, and fp16 runs the reference in float32.
+AUTO_CPU_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float64: 1e-12}
+
+
+@pytest.mark.parametrize("dtype", list(AUTO_CPU_TOL), ids=lambda t: str(t).removeprefix("torch."))
+def test_auto_backend_on_cpu_takes_the_extension_or_the_reference(dtype, monkeypatch):
+    """"auto" (the default) on CPU tensors takes the C++ kernel ("extension") for float32 and
+    bfloat16 where it is built, the reference for float64 and float16 (or without it), and never
+    Triton, even under TRITON_INTERPRET=1 (the interpreter is a test path, taken only when named).
+    The output matches the official formula in float64."""
+    chosen = []
+    resolve = _backend.resolve
+    monkeypatch.setattr(_backend, "resolve", lambda *a: chosen.append(resolve(*a)) or chosen[-1])
+    th, ph, g = make_inputs(1, 20, 16, 16, dtype=dtype, seed=5)
+    y = nonlocal_attention(th, ph, g)
+    kernel_dtype = dtype in (torch.float32, torch.bfloat16)
+    assert chosen == ["extension" if kernel_dtype and _ext.EXTENSION_ATTENTION else "reference"]
+    assert y.dtype == dtype
+    exact = reference.nonlocal_attention_naive(th.double(), ph.double(), g.double())
+    tol = AUTO_CPU_TOL[dtype]
+    torch.testing.assert_close(y.double(), exact, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("mode", MODES)
