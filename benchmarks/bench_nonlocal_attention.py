@@ -75,6 +75,20 @@ def _ours(th, ph, g):
 PROVIDERS = {"naive": _naive, "sdpa2": _sdpa2, "ours": _ours}
 
 
+def _call(fn, th, ph, g, backward, dout):
+    """One timed call of provider fn: forward and backward(dout) with the gradients cleared, or
+    the forward alone under inference_mode (what inference runs under)."""
+    def run():
+        if backward:
+            for t in (th, ph, g):
+                t.grad = None
+            fn(th, ph, g).backward(dout)
+        else:
+            with torch.inference_mode():
+                fn(th, ph, g)
+    return run
+
+
 def _naive_bytes(B, N, dtype, backward):
     per = B * N * N * dtype.itemsize
     return per * (4 if backward else 2)
@@ -97,17 +111,8 @@ def test_nonlocal_attention(benchmark, provider, B, N, dtype_name, passes):
         pytest.skip(f"naive would need ~{_naive_bytes(B, N, dtype, backward) / 2**30:.0f} GiB "
                     f"(free {free / 2**30:.0f} GiB): out of memory")
     th, ph, g = _inputs(B, N, dtype, "cuda", backward)
-    fn = PROVIDERS[provider]
     dout = torch.randn(B, N, D, device="cuda", dtype=dtype)
-
-    def run():
-        if backward:
-            for t in (th, ph, g):
-                t.grad = None
-            fn(th, ph, g).backward(dout)
-        else:
-            with torch.no_grad():
-                fn(th, ph, g)
+    run = _call(PROVIDERS[provider], th, ph, g, backward, dout)
 
     try:
         run()                                   # compile, autotune, and check it runs at all
@@ -222,18 +227,6 @@ needs_cpu_kernel = pytest.mark.skipif(not _ext.EXTENSION_ATTENTION,
                                       reason="the extension's CPU attention kernel is not built")
 
 
-def _cpu_call(fn, th, ph, g, backward, dout):
-    def run():
-        if backward:
-            for t in (th, ph, g):
-                t.grad = None
-            fn(th, ph, g).backward(dout)
-        else:
-            with torch.inference_mode():
-                fn(th, ph, g)
-    return run
-
-
 def _cpu_inputs(B, N, d, dtype, backward):
     """theta, phi, g (leaves, requiring grad for a backward) and dout: random, never zeros."""
     gen = torch.Generator().manual_seed(0)
@@ -249,7 +242,7 @@ def _cpu_bench(benchmark, provider, B, N, d, dtype_name, backward):
     """Times one provider on fresh (B, N, d) inputs: one warm-up call sets the rounds (about 4 s in
     all, 2 to 10 rounds), then extra_info gets ns_per_score = median / (B N^2)."""
     th, ph, g, dout = _cpu_inputs(B, N, d, DTYPES[dtype_name], backward)
-    run = _cpu_call(CPU_PROVIDERS[provider], th, ph, g, backward, dout)
+    run = _call(CPU_PROVIDERS[provider], th, ph, g, backward, dout)
     t0 = time.perf_counter()
     run()
     benchmark.pedantic(run, rounds=_cpu_rounds(time.perf_counter() - t0), iterations=1)
@@ -292,7 +285,7 @@ def test_cpu_ratio_to_sdpa(benchmark, passes):
     backward = passes == "fwd+bwd"
     B, N, d = CPU_TRAIN if backward else (1, 128 * 128, D)
     th, ph, g, dout = _cpu_inputs(B, N, d, torch.float32, backward)
-    ours, sdpa = (_cpu_call(CPU_PROVIDERS[p], th, ph, g, backward, dout) for p in ("ours", "sdpa_row"))
+    ours, sdpa = (_call(CPU_PROVIDERS[p], th, ph, g, backward, dout) for p in ("ours", "sdpa_row"))
     ours(), sdpa()
     times = {"ours": [], "sdpa_row": []}
 
