@@ -219,7 +219,7 @@ def forward_x8(forward: Forward, x: Tensor) -> Tensor:
 
 # What whole-image inference costs on the CPU is the non-local attention: every non-local block
 # (2 in RNAN, at full resolution) scores all N^2 query-key pairs, N = H * W, while the convs grow
-# with N only. Per score (fp32, d = 32, B = 1, column softmax, 2-core EPYC with AVX-512, torch
+# with N only. Per score (fp32, d = 32, B = 1, column softmax, 2-core Xeon with AVX-512, torch
 # 2.14.1, 2026-12-01): the reference path 8.2-10.8 ns at N = 96^2..128^2 and 32768 (the table
 # of the CPU attention work, a quiet machine); the fused C++ kernel 2.7 ns at N = 128^2 in a run
 # where the reference took 86 ns, i.e. on a machine loaded ~8x (BENCHMARKS.md, CPU section). The
