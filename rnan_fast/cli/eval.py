@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import os
 import statistics
@@ -261,20 +262,17 @@ def _mean_row(rows: list[dict]) -> dict:
 
 
 def _write_csv(path: Path, rows: list[dict], mean: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write the rows and the mean row through rnan_fast.data.atomic_write (0666 less the umask,
+    as an ordinary new file): a reader never sees half a table, and no temporary is left."""
     fmt = lambda v: v if isinstance(v, str) else ("" if v is None else f"{v:.6f}")  # noqa: E731
     try:
-        with open(tmp, "w", newline="") as f:
+        with D.atomic_write(path, mode=0o666 & ~D._umask()) as raw, \
+                io.TextIOWrapper(raw, newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(list(mean))
             for r in [*rows, mean]:
                 w.writerow([fmt(r[k]) for k in mean])
-        os.replace(tmp, path)
     except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise UserError(f"cannot write --csv {path}: {e.strerror or e}") from None
 
 
