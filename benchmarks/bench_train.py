@@ -66,6 +66,13 @@ def _config(device: str, task: str, out: Path) -> loop.TrainConfig:
                                     save_every=10**6, **case, **TASKS[task]))
 
 
+def _patches(cfg: loop.TrainConfig) -> DS.TrainPatches:
+    """The training patches of `cfg`, as rnan_fast.train.run cuts them."""
+    images, _ = DS.load_images(cfg.data, cfg.task, cfg.patch_size * cfg.model_scale)
+    return DS.TrainPatches(images, cfg.task, cfg.patch_size, cfg.batch_size, cfg.seed, sigma=cfg.sigma,
+                           scale=cfg.model_scale)
+
+
 @pytest.mark.parametrize("task", list(TASKS))
 @pytest.mark.parametrize("device", list(CASES))
 def test_bare_step(benchmark, threads, device, task, tmp_path):
@@ -75,9 +82,7 @@ def test_bare_step(benchmark, threads, device, task, tmp_path):
     net = loop._model(cfg).to(device)
     step = make_train_step(net, make_optimizer(net, lr=cfg.lr), loss="l1" if task == "sr" else "mse",
                            channels_last=True)  # as the loop (rnan_fast.train.loop: NHWC on CPUs too)
-    images, _ = DS.load_images(cfg.data, task, cfg.patch_size * cfg.model_scale)
-    ds = DS.TrainPatches(images, task, cfg.patch_size, cfg.batch_size, cfg.seed, sigma=cfg.sigma,
-                         scale=cfg.model_scale)
+    ds = _patches(cfg)
     lq, gt = torch.utils.data.default_collate([ds[k] for k in range(cfg.batch_size)])
     lq, gt = lq.to(device), gt.to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -101,10 +106,7 @@ def test_loop(benchmark, threads, device, task, tmp_path):
     if (device, task, "step") not in RESULTS:
         pytest.skip("needs test_bare_step of the same case in this run (same-run ratio)")
     cfg = _config(device, task, tmp_path / "run")
-    # the data pipeline alone: batches as the loop's DataLoader makes them
-    images, _ = DS.load_images(cfg.data, task, cfg.patch_size * cfg.model_scale)
-    ds = DS.TrainPatches(images, task, cfg.patch_size, cfg.batch_size, cfg.seed, sigma=cfg.sigma,
-                         scale=cfg.model_scale)
+    ds = _patches(cfg)   # the data pipeline alone: batches as the loop's DataLoader makes them
     t0 = time.perf_counter()
     for _ in torch.utils.data.DataLoader(ds, batch_sampler=DS.StepBatches(0, 5, cfg.batch_size)):
         pass
