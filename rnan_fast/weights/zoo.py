@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from rnan_fast.data import _umask, atomic_write
+
 __all__ = ["DEFAULT_MODEL", "ENV_FOLDER", "WeightsError", "folder", "available", "card", "verify", "load", "export",
            "check_sigma", "sha256_of"]
 
@@ -148,7 +150,7 @@ def export(checkpoint: Any, name: str, target: str | os.PathLike | None = None,
     weights when it holds them); its weights are stored as a plain state dict in `dtype` (fp32,
     or bf16 for half the size). fields: the card's other fields (task, noise, test_gain_db,
     training, measured, ...); sha256, size, architecture and stored_dtype are filled in here.
-    Both files are written through temporary files and renamed."""
+    Both files are written through rnan_fast.data.atomic_write."""
     from rnan_fast.model import RNAN
 
     missing = [k for k in REQUIRED if k not in fields and k not in ("sha256", "size", "architecture")]
@@ -161,13 +163,12 @@ def export(checkpoint: Any, name: str, target: str | os.PathLike | None = None,
     pt, js = root / f"{name}.pt", root / f"{name}.json"
     state = {k: v.detach().to(dtype) if v.is_floating_point() else v.detach()
              for k, v in net.state_dict().items()}
-    tmp = pt.with_name(f".{pt.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, pt)
+    file_mode = 0o666 & ~_umask()  # an ordinary new file's permissions, not mkstemp's 0600
+    with atomic_write(pt, mode=file_mode) as f:
+        torch.save(state, f)
     c = {**fields, "architecture": {k: net.config[k] for k in ARCHITECTURE},
          "stored_dtype": str(dtype).replace("torch.", ""), "size": pt.stat().st_size, "sha256": sha256_of(pt)}
     c.pop("name", None)
-    tmp = js.with_name(f".{js.name}.tmp")
-    tmp.write_text(json.dumps(c, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, js)
+    with atomic_write(js, mode=file_mode) as f:
+        f.write((json.dumps(c, indent=2) + "\n").encode("utf-8"))
     return pt
