@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from rnan_fast.data import _umask, atomic_write
 from rnan_fast.train import checkpoint as C
 from rnan_fast.train import datasets as DS
 from rnan_fast.train import distributed
@@ -276,9 +277,8 @@ class _RunFiles:
 
     def write_config(self, cfg: TrainConfig) -> None:
         if self.main:
-            tmp = self.config.with_name(f".config.json.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-            os.replace(tmp, self.config)
+            with atomic_write(self.config, mode=0o666 & ~_umask()) as f:
+                f.write((json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
 
     def trim_log(self, step: int) -> None:
         """Keep the records up to `step` (a resumed run rewrites what came after its checkpoint)."""
@@ -286,9 +286,8 @@ class _RunFiles:
             return
         kept = [line for line in self.log.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.log.with_name(f".log.jsonl.{os.getpid()}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.log)
+        with atomic_write(self.log, mode=0o666 & ~_umask()) as f:
+            f.write("".join(line + "\n" for line in kept).encode())
 
     def append_log(self, record: dict) -> None:
         if self.main:
