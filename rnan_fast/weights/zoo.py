@@ -100,7 +100,11 @@ def sha256_of(path: str | os.PathLike) -> str:
 def verify(name: str) -> Path:
     """The path of NAME.pt after checking its size and SHA-256 against the card; WeightsError
     naming the file and what differs when it is missing, truncated, corrupt or altered."""
-    c = card(name)
+    return _verify(name, card(name))
+
+
+def _verify(name: str, c: dict) -> Path:
+    """verify() against the card `c` already read (load needs it too: one read of NAME.json)."""
     path = folder() / f"{name}.pt"
     if not path.is_file():
         raise WeightsError(f"{path}: the weights file of model {name!r} is missing (its card is {name}.json)")
@@ -124,7 +128,7 @@ def load(name: str | None = None, device: torch.device | str = "cpu"):
 
     name = DEFAULT_MODEL if name is None else name
     c = card(name)
-    path = verify(name)
+    path = _verify(name, c)
     arch = c["architecture"]
     net = RNAN.from_checkpoint(path, map_location="cpu", softmax_over=arch["softmax_over"])
     differ = [f"{k}: card {arch[k]!r}, weights {net.config[k]!r}" for k in ARCHITECTURE if arch[k] != net.config[k]]
