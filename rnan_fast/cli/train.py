@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -29,13 +30,6 @@ L1 loss; MSE for the others). Adam (lr 1e-4, betas 0.9/0.999, eps 1e-8), halved 
 steps (the official schedule) or cosine; validation images are degraded as eval --seed SEED does.
 """
 
-# option name -> TrainConfig field, for the options that are settings of the run
-_SETTINGS = ("task", "sigma", "sigma_range", "quality", "scale", "data", "out", "steps", "batch_size",
-             "patch_size", "n_feats", "n_resgroups", "lr", "schedule", "lr_decay_every", "seed", "ema",
-             "precision", "device", "workers", "save_every", "log_every", "val", "val_every", "val_limit",
-             "val_sigma", "init")
-
-
 def _read_config(path: str) -> dict:
     p = Path(path)
     try:
@@ -57,7 +51,7 @@ def cmd_train(args) -> int:
     from rnan_fast.train import loop
     from rnan_fast.train.datasets import DataError
 
-    options = {k: getattr(args, k) for k in _SETTINGS}
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(loop.TrainConfig)}  # one option per setting
     file_config = _read_config(args.config) if args.config else None
     state = None
     try:
