@@ -26,6 +26,11 @@ def _warn(msg: str) -> None:
     print(f"{PROG}: warning: {msg}", file=sys.stderr)
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for
+    one-line reports of a failure."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inference")
@@ -143,9 +148,8 @@ def _check_backend(name, device, precision: str) -> None:
             x = torch.rand(1, 2, 2, 2, generator=gen).to(device, dtype)
             ops.gated_residual(x, x, x, backend="fast")
     except (RuntimeError, ValueError, TypeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"--backend fast is not available for --device {device} with --precision {precision}: "
-                        f"{first}; use --backend auto (the fast kernels where they run, the reference "
+                        f"{_first_line(e)}; use --backend auto (the fast kernels where they run, the reference "
                         f"elsewhere) or --backend reference") from None
 
 

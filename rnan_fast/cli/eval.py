@@ -17,7 +17,7 @@ from rnan_fast import data as D
 from rnan_fast.cli.models import add_model_args, load_net, model_task
 from rnan_fast.cli.tiling import ImageRunner
 from rnan_fast.cli.common import (EXIT_FAILURES, EXIT_OK, PROG, UserError, _add_runtime_args, _check_backend,
-                                  _check_runtime_args, _distributed, _err, _progress, _report)
+                                  _check_runtime_args, _distributed, _err, _first_line, _progress, _report)
 from rnan_fast.data import TASK_COLORS, TASKS
 
 EVAL_EPILOG = """\
@@ -188,7 +188,7 @@ def cmd_eval(args) -> int:
             try:
                 out = runner.run(lq, path)
             except (RuntimeError, ValueError, ArithmeticError) as e:
-                _report(f"{PROG}: failed on {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                _report(f"{PROG}: failed on {path}: {_first_line(e)}",
                         args.quiet)
                 failures.append(path)
                 continue

@@ -9,7 +9,7 @@ import numpy as np
 
 from rnan_fast import data as D
 from rnan_fast.cli.common import (EXIT_FAILURES, EXIT_OK, PROG, UserError, _add_runtime_args, _check_backend,
-                                  _check_runtime_args, _distributed, _err, _progress, _report, _warn)
+                                  _check_runtime_args, _distributed, _err, _first_line, _progress, _report, _warn)
 from rnan_fast.cli.models import add_model_args, load_net
 from rnan_fast.cli.tiling import ImageRunner
 
@@ -123,7 +123,7 @@ def cmd_restore(args) -> int:
             out = runner.run(img, src)
         except (RuntimeError, ValueError, ArithmeticError) as e:
             hint = "; try --tile 256" if "out of memory" in str(e).lower() else ""
-            _report(f"{PROG}: failed on {src}: {str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}",
+            _report(f"{PROG}: failed on {src}: {_first_line(e)}{hint}",
                     args.quiet)
             failures.append(src)
             continue
@@ -141,7 +141,6 @@ def cmd_restore(args) -> int:
         _err(f"{len(failures)} input(s) failed: " + ", ".join(str(f) for f in failures))
         return EXIT_FAILURES
     return EXIT_OK
-
 
 
 def add_parser(sub) -> None:
