@@ -38,7 +38,7 @@ from rnan_fast.data import _umask, atomic_write
 from rnan_fast.train import checkpoint as C
 from rnan_fast.train import datasets as DS
 from rnan_fast.train import distributed
-from rnan_fast.train.step import make_optimizer, make_train_step
+from rnan_fast.train.step import PRECISIONS, make_optimizer, make_train_step
 
 __all__ = ["TrainConfig", "ConfigError", "NonFiniteLoss", "Interrupted", "RUN_KEYS", "resolve_config",
            "learning_rate", "run"]
@@ -166,7 +166,7 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"--seed must be >= 0, got {cfg.seed}")
     if cfg.ema is not None and not 0 < cfg.ema < 1:
         raise ConfigError(f"--ema is a decay in (0, 1), e.g. 0.999; got {cfg.ema}")
-    if cfg.precision not in ("fp32", "bf16"):
+    if cfg.precision not in PRECISIONS:
         raise ConfigError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
     if cfg.workers is not None and cfg.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {cfg.workers}")
@@ -303,11 +303,11 @@ def _model(cfg: TrainConfig):
 
 
 def _load_init(net, path: str) -> None:
-    from rnan_fast.model import infer_config, read_checkpoint
+    from rnan_fast.model import _SHAPE_KEYS, infer_config, read_checkpoint
 
     state_dict, source = read_checkpoint(path, "cpu", True)
     found = infer_config(state_dict, source)
-    want = {k: net.config[k] for k in ("n_colors", "scale", "n_feats", "n_resgroups")}
+    want = {k: net.config[k] for k in _SHAPE_KEYS}
     diff = {k: (found[k], v) for k, v in want.items() if found[k] != v}
     if diff:
         detail = ", ".join(f"{k} {a} (run: {b})" for k, (a, b) in diff.items())
