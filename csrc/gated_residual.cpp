@@ -16,6 +16,7 @@
 
 #include "cpu_math.h"
 #include "gated_residual.h"
+#include "nonlocal_attention.h"
 
 namespace rnan_fast {
 namespace {
@@ -196,4 +197,9 @@ TORCH_LIBRARY_IMPL(rnan_fast, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("cuda_compiled", &rnan_fast::cuda_compiled, "whether the CUDA kernels were compiled in");
+  module.def("cpu_attention_isa", &rnan_fast::cpu_attention_isa,
+             "the inner loops of the CPU attention kernel: 'avx512' or 'portable'");
+  module.def("set_cpu_attention_isa", &rnan_fast::set_cpu_attention_isa,
+             "choose the CPU attention kernel's inner loops for this process ('avx512' where the CPU has it, "
+             "or 'portable'): for tests and comparisons");
 }

@@ -50,13 +50,20 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <string_view>
 #include <vector>
 
 #include "cpu_math.h"
+#include "nonlocal_attention.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 namespace rnan_fast {
 namespace {
@@ -77,6 +84,9 @@ constexpr int64_t kPartialBudget = int64_t(64) << 20;
 // fitted here with p(0) = 1 exactly, so exp2(0) = 1), times 2^k from the exponent bits. x is
 // clamped to [-127, 127]: below -127 the result is exactly 0 (the exponent field is 0), which is
 // what a weight of 2^-127 should be; -inf gives 0 and NaN passes through.
+constexpr int kExp2Terms = 7;
+constexpr float kExp2Poly[kExp2Terms] = {1.5337577497e-4f, 1.3399859890e-3f, 9.6185198054e-3f, 5.5503290147e-2f,
+                                         2.4022646248e-1f, 6.9314718246e-1f, 1.0f};  // highest degree first
 RNAN_ALWAYS_INLINE float exp2_f32(float x) {
   const bool nan = !(x == x);
   float c = nan ? 0.0f : x;
@@ -84,13 +94,8 @@ RNAN_ALWAYS_INLINE float exp2_f32(float x) {
   c = c > 127.0f ? 127.0f : c;
   const float k = (c + 12582912.0f) - 12582912.0f;
   const float f = c - k;
-  float p = 1.5337577497e-4f;
-  p = p * f + 1.3399859890e-3f;
-  p = p * f + 9.6185198054e-3f;
-  p = p * f + 5.5503290147e-2f;
-  p = p * f + 2.4022646248e-1f;
-  p = p * f + 6.9314718246e-1f;
-  p = p * f + 1.0f;
+  float p = kExp2Poly[0];
+  for (int n = 1; n < kExp2Terms; ++n) p = p * f + kExp2Poly[n];
   const float scale = cpu::float_from_bits((static_cast<int32_t>(k) + 127) << 23);
   return nan ? x : p * scale;
 }
@@ -253,6 +258,227 @@ void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64
   beta == 0.0f ? C.copy_(prod) : C.mul_(beta).add_(prod);
 }
 
+// ---- AVX-512 microkernels ----------------------------------------------------------------------
+// On CPUs with AVX-512F (detected at load time; `set_cpu_attention_isa("portable")` turns them
+// off, for tests and comparisons) the score tiles of every pass come from score_block instead of
+// MKL, and the column forward fuses each block's gemm, exps and reductions in registers: a block
+// of 8 queries x 32 keys of S lives in 16 zmm registers; pass 1 folds it straight into the
+// per-key (max, sum), pass 2 turns it into weights and multiplies them by g from an 8 x 32
+// buffer in L1. On the MKL path each 64 KiB score tile goes through L2 three times per pass
+// (written by sgemm, read by the exps, read by the next sgemm), and each sgemm call packs its
+// operands for a k of only d (16-64) or 256. S_ij is one chain of FMAs over k = 0..d-1 in every
+// pass, so its bits agree between passes as the file comment requires. phi comes transposed and
+// packed per key block, (B, key blocks, d, kBlockK) with zeros past N, so that a row of keys is a
+// vector and a block's d rows lie 1 KiB apart: rows N floats apart (the plain transpose) fall into
+// the same few L1 sets when N is a multiple of 1024, and measured 25% slower at N = 16384.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define RNAN_HAVE_AVX512 1
+// GCC 12 warns "__Y may be used uninitialized" inside its own avx512fintrin.h (the deliberately
+// undefined pass-through operand of roundscale / scalef); nothing of ours is uninitialised.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#define RNAN_AVX512 __attribute__((target("avx512f")))
+#define RNAN_AVX512_INLINE inline __attribute__((target("avx512f"), always_inline))
+// The loops over a block's registers (rows, vectors, polynomial terms) unrolled, so that the
+// block stays in registers rather than in an array on the stack.
+#define RNAN_UNROLL _Pragma("GCC unroll 16")
+
+constexpr int kRegRows = 8;       // queries per register block
+constexpr int64_t kRegKeys = 32;  // keys per register block: two zmm
+
+// The first n of 16 lanes (n <= 0: none, n >= 16: all).
+RNAN_AVX512_INLINE __mmask16 lane_mask(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+// 2^x on 16 lanes: the polynomial of exp2_f32 on f = x - round(x), times 2^round(x) by vscalefps,
+// which also gives 0 below 2^-149 and inf above 2^128, and passes NaN. x is first raised to at
+// least -150 (vmaxps returns its second operand, x, when x is NaN) so that -inf gives 0, not
+// the NaN of -inf - round(-inf).
+RNAN_AVX512_INLINE __m512 exp2_v(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);
+  const __m512 k = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, k);
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  RNAN_UNROLL
+  for (int n = 1; n < kExp2Terms; ++n) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[n]));
+  return _mm512_scalef_ps(p, k);
+}
+
+// s[r][c] = S of query row q[r] and keys 16c..16c+15 of kt (packed phi^T at the block's first
+// key, rows of stride kBlockK); lanes masked off by m0 / m1 (keys past the end) hold 0.
+RNAN_AVX512_INLINE void score_block(const float* const* q, int64_t d, const float* kt, __mmask16 m0, __mmask16 m1,
+                                    __m512 (&s)[kRegRows][2]) {
+  RNAN_UNROLL
+  for (int r = 0; r < kRegRows; ++r) s[r][0] = s[r][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < d; ++k) {
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, kt + k * kBlockK);
+    const __m512 b1 = _mm512_maskz_loadu_ps(m1, kt + k * kBlockK + 16);
+    RNAN_UNROLL
+    for (int r = 0; r < kRegRows; ++r) {
+      const __m512 a = _mm512_set1_ps(q[r][k]);
+      s[r][0] = _mm512_fmadd_ps(a, b0, s[r][0]);
+      s[r][1] = _mm512_fmadd_ps(a, b1, s[r][1]);
+    }
+  }
+}
+
+// Pointers to the 8 query rows of a block starting at row q0 (stride d) with rv <= 8 valid rows;
+// the others repeat the last valid row (computed, never used).
+RNAN_AVX512_INLINE void block_rows(const float* q0, int64_t d, int64_t rv, const float* (&q)[kRegRows]) {
+  RNAN_UNROLL
+  for (int r = 0; r < kRegRows; ++r) q[r] = q0 + std::min<int64_t>(r, rv - 1) * d;
+}
+
+// The score tile S[0:mi, 0:nj] (theta rows q0, stride d; kt: packed phi^T at the first key) into
+// s, row stride kBlockK: what Attention::scores gives on this path.
+RNAN_AVX512 void scores_tile_avx512(const float* q0, int64_t d, const float* kt, int64_t mi, int64_t nj, float* s) {
+  __m512 v[kRegRows][2];
+  const float* q[kRegRows];
+  for (int64_t r0 = 0; r0 < mi; r0 += kRegRows) {
+    const int64_t rv = std::min<int64_t>(kRegRows, mi - r0);
+    block_rows(q0 + r0 * d, d, rv, q);
+    for (int64_t js = 0; js < nj; js += kRegKeys) {
+      const __mmask16 m0 = lane_mask(nj - js), m1 = lane_mask(nj - js - 16);
+      score_block(q, d, kt + js, m0, m1, v);
+      RNAN_UNROLL
+      for (int r = 0; r < kRegRows; ++r) {  // constant indices into v: it stays in registers
+        if (r >= rv) break;
+        _mm512_mask_storeu_ps(s + (r0 + r) * kBlockK + js, m0, v[r][0]);
+        _mm512_mask_storeu_ps(s + (r0 + r) * kBlockK + js + 16, m1, v[r][1]);
+      }
+    }
+  }
+}
+
+// Pass 1 of the column forward for keys j0..j0+nj-1 (nj <= kBlockK) of one batch: the max m_j of
+// S over all N queries and r_j = log2 sum_i exp2((S_ij - m_j) log2e). q: theta (N, d); kt: the
+// key block of packed phi^T. The running max is raised only when a block of 8 queries exceeds it (a
+// few times per key), the running sum then rescaled by exp2 of the difference.
+RNAN_AVX512 void col_stats_avx512(const float* q_all, const float* kt, int64_t N, int64_t d, int64_t nj, float* m_out,
+                                  float* r_out) {
+  alignas(64) float m[kBlockK], l[kBlockK];
+  std::fill(m, m + kBlockK, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + kBlockK, 0.0f);
+  const __m512 log2e = _mm512_set1_ps(kLog2e), ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 v[kRegRows][2];
+  const float* q[kRegRows];
+  for (int64_t i0 = 0; i0 < N; i0 += kRegRows) {
+    const int64_t rv = std::min<int64_t>(kRegRows, N - i0);
+    block_rows(q_all + i0 * d, d, rv, q);
+    for (int64_t js = 0; js < nj; js += kRegKeys) {
+      score_block(q, d, kt + js, lane_mask(nj - js), lane_mask(nj - js - 16), v);
+      RNAN_UNROLL
+      for (int r = 0; r < kRegRows; ++r)
+        if (r >= rv) v[r][0] = v[r][1] = ninf;  // rows past N: weight 0
+      RNAN_UNROLL
+      for (int c = 0; c < 2; ++c) {
+        float *mc = m + js + 16 * c, *lc = l + js + 16 * c;
+        const __m512 bmax = _mm512_max_ps(
+            _mm512_max_ps(_mm512_max_ps(v[0][c], v[1][c]), _mm512_max_ps(v[2][c], v[3][c])),
+            _mm512_max_ps(_mm512_max_ps(v[4][c], v[5][c]), _mm512_max_ps(v[6][c], v[7][c])));
+        const __m512 m_old = _mm512_load_ps(mc), m_new = _mm512_max_ps(m_old, bmax);
+        __m512 lv = _mm512_load_ps(lc);
+        if (_mm512_cmp_ps_mask(m_old, m_new, _CMP_LT_OQ) != 0) {
+          lv = _mm512_mul_ps(lv, exp2_v(_mm512_mul_ps(_mm512_sub_ps(m_old, m_new), log2e)));
+          _mm512_store_ps(mc, m_new);
+        }
+        __m512 e[kRegRows];
+        RNAN_UNROLL
+        for (int r = 0; r < kRegRows; ++r) e[r] = exp2_v(_mm512_mul_ps(_mm512_sub_ps(v[r][c], m_new), log2e));
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(e[0], e[1]), _mm512_add_ps(e[2], e[3])),
+                                         _mm512_add_ps(_mm512_add_ps(e[4], e[5]), _mm512_add_ps(e[6], e[7])));
+        _mm512_store_ps(lc, _mm512_add_ps(lv, sum));
+      }
+    }
+  }
+  for (int64_t j = 0; j < nj; ++j) {
+    m_out[j] = m[j];
+    r_out[j] = std::log2(l[j]);
+  }
+}
+
+// acc[r][c0:c0+16V] += sum_{j < nk} p[r][j] g[j][c0:...] for the 8 rows (row stride dv), j in
+// order; V = 2 vectors, or 1 vector of the lanes in mask.
+// Not inlined: its 8 x V accumulators need the registers that the caller's exp constants hold
+// (inlined, GCC spilled the accumulators inside the j loop).
+template <int V>
+__attribute__((target("avx512f"), noinline)) void add_weighted_rows(const float (&p)[kRegRows][kRegKeys], int64_t nk, const float* g, int64_t dv,
+                                          float* acc, __mmask16 mask) {
+  __m512 x[kRegRows][V];
+  RNAN_UNROLL
+  for (int r = 0; r < kRegRows; ++r)
+    RNAN_UNROLL
+    for (int c = 0; c < V; ++c) x[r][c] = _mm512_maskz_loadu_ps(V == 2 ? 0xFFFF : mask, acc + r * dv + 16 * c);
+  for (int64_t j = 0; j < nk; ++j) {
+    __m512 gj[V];
+    RNAN_UNROLL
+    for (int c = 0; c < V; ++c) gj[c] = _mm512_maskz_loadu_ps(V == 2 ? 0xFFFF : mask, g + j * dv + 16 * c);
+    RNAN_UNROLL
+    for (int r = 0; r < kRegRows; ++r) {
+      const __m512 w = _mm512_set1_ps(p[r][j]);
+      RNAN_UNROLL
+      for (int c = 0; c < V; ++c) x[r][c] = _mm512_fmadd_ps(w, gj[c], x[r][c]);
+    }
+  }
+  RNAN_UNROLL
+  for (int r = 0; r < kRegRows; ++r)
+    RNAN_UNROLL
+    for (int c = 0; c < V; ++c) _mm512_mask_storeu_ps(acc + r * dv + 16 * c, V == 2 ? 0xFFFF : mask, x[r][c]);
+}
+
+// Pass 2 of the column forward for queries i0..i0+mi-1 (mi <= kBlockQ) of one batch: out rows =
+// sum_j exp2((S_ij - m_j) log2e - r_j) g_j. q_all: theta (N, d); kt: packed phi^T (key blocks,
+// d, kBlockK); g: (N, dv);
+// m, r: the statistics (N); acc: kBlockQ x dv scratch.
+RNAN_AVX512 void col_output_avx512(const float* q_all, const float* kt, const float* g, const float* m, const float* r,
+                                   int64_t N, int64_t d, int64_t dv, int64_t i0, int64_t mi, float* acc, float* out) {
+  std::fill(acc, acc + kBlockQ * dv, 0.0f);
+  const __m512 log2e = _mm512_set1_ps(kLog2e);
+  alignas(64) float p[kRegRows][kRegKeys];
+  __m512 v[kRegRows][2];
+  const float* q[kRegRows];
+  for (int64_t j0 = 0; j0 < N; j0 += kBlockK) {  // phi^T and g of 256 keys stay in L1/L2 for the 64 queries
+    const int64_t nj = std::min(kBlockK, N - j0);
+    const float* kt_block = kt + j0 * d;  // block j0 / kBlockK, d x kBlockK
+    for (int64_t r0 = 0; r0 < mi; r0 += kRegRows) {
+      block_rows(q_all + (i0 + r0) * d, d, std::min<int64_t>(kRegRows, mi - r0), q);
+      float* acc_rows = acc + r0 * dv;  // rows past mi land in acc's spare rows, never copied out
+      for (int64_t js = j0; js < j0 + nj; js += kRegKeys) {
+        const int64_t nk = std::min(kRegKeys, j0 + nj - js);
+        const __mmask16 mk[2] = {lane_mask(nk), lane_mask(nk - 16)};
+        score_block(q, d, kt_block + (js - j0), mk[0], mk[1], v);
+        RNAN_UNROLL
+        for (int c = 0; c < 2; ++c) {
+          const __m512 mv = _mm512_maskz_loadu_ps(mk[c], m + js + 16 * c);
+          const __m512 rvec = _mm512_maskz_loadu_ps(mk[c], r + js + 16 * c);
+          RNAN_UNROLL
+          for (int rr = 0; rr < kRegRows; ++rr)
+            _mm512_store_ps(&p[rr][16 * c],
+                            exp2_v(_mm512_fmsub_ps(_mm512_sub_ps(v[rr][c], mv), log2e, rvec)));
+        }
+        const float* gj = g + js * dv;
+        int64_t c0 = 0;
+        for (; c0 + 32 <= dv; c0 += 32) add_weighted_rows<2>(p, nk, gj + c0, dv, acc_rows + c0, 0xFFFF);
+        for (; c0 < dv; c0 += 16) add_weighted_rows<1>(p, nk, gj + c0, dv, acc_rows + c0, lane_mask(dv - c0));
+      }
+    }
+  }
+  std::copy(acc, acc + mi * dv, out);
+}
+#endif
+
+bool detect_avx512() {
+#if RNAN_HAVE_AVX512
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+// Whether the AVX-512 path runs (a process-wide setting read once per op call).
+std::atomic<bool> g_use_avx512{detect_avx512()};
+
 // Per-thread tile buffers, allocated once per parallel chunk.
 struct Scratch {
   std::vector<float> s, dp, acc, acc2, vec0, vec1, vec2;
@@ -268,6 +494,7 @@ void store_rows(const float* acc, int64_t rows, int64_t cols, float* dst) { std:
 struct Attention {
   const float *q, *k, *v;  // theta, phi, g
   int64_t B, N, d, dv;
+  const float* kt;  // packed phi^T (B, k_blocks, d, kBlockK) on the AVX-512 path, else nullptr (MKL path)
 
   int64_t q_blocks() const { return (N + kBlockQ - 1) / kBlockQ; }
   int64_t k_blocks() const { return (N + kBlockK - 1) / kBlockK; }
@@ -278,7 +505,14 @@ struct Attention {
   // The score tile S[i0:i0+mi, j0:j0+nj] of batch b into s (row stride kBlockK). Every pass
   // calls exactly this, so S_ij has the same bits in all of them (see the file comment).
   void scores(int64_t b, int64_t i0, int64_t mi, int64_t j0, int64_t nj, float* s) const {
+#if RNAN_HAVE_AVX512
+    if (kt != nullptr) return scores_tile_avx512(q_rows(b, i0), d, kt_keys(b, j0), mi, nj, s);
+#endif
     mm(false, true, mi, nj, d, q_rows(b, i0), d, k_rows(b, j0), d, 0.0f, s, kBlockK);
+  }
+  // Packed phi^T of batch b at key j0: block j0 / kBlockK (d x kBlockK), column j0 % kBlockK.
+  const float* kt_keys(int64_t b, int64_t j0) const {
+    return kt + (b * k_blocks() + j0 / kBlockK) * d * kBlockK + j0 % kBlockK;
   }
   // dP tile = dY[i0:i0+mi] g[j0:j0+nj]^T.
   void dscores(const float* dy, int64_t b, int64_t i0, int64_t mi, int64_t j0, int64_t nj, float* dp) const {
@@ -289,6 +523,26 @@ struct Attention {
 // ---- forward ----------------------------------------------------------------------------------
 void forward_col(const Attention& a, float* out, float* stat_m, float* stat_r) {
   const int64_t N = a.N, nk = a.k_blocks(), nq = a.q_blocks();
+#if RNAN_HAVE_AVX512
+  if (a.kt != nullptr) {
+    at::parallel_for(0, a.B * nk, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / nk, j0 = (t % nk) * kBlockK;
+        col_stats_avx512(a.q_rows(b, 0), a.kt_keys(b, j0), N, a.d, std::min(kBlockK, N - j0), stat_m + b * N + j0,
+                         stat_r + b * N + j0);
+      }
+    });
+    at::parallel_for(0, a.B * nq, 1, [&](int64_t begin, int64_t end) {
+      Scratch w(a.d, a.dv, false);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / nq, i0 = (t % nq) * kBlockQ;
+        col_output_avx512(a.q_rows(b, 0), a.kt_keys(b, 0), a.v_rows(b, 0), stat_m + b * N, stat_r + b * N, N, a.d,
+                          a.dv, i0, std::min(kBlockQ, N - i0), w.acc.data(), out + (b * N + i0) * a.dv);
+      }
+    });
+    return;
+  }
+#endif
   // Pass 1, key-major: (m_j, r_j) per key.
   at::parallel_for(0, a.B * nk, 1, [&](int64_t begin, int64_t end) {
     Scratch w(a.d, a.dv, false);
@@ -510,9 +764,16 @@ void check_inputs(const char* op, const at::Tensor& theta, const at::Tensor& phi
 // from a bf16 dot, and MKL's bf16 gemm measured slower than its sgemm at these tile shapes).
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
-Attention problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+// kt: packed phi^T (B, key blocks, d, kBlockK), zero past N, for the AVX-512 path; undefined for
+// the MKL path.
+Attention problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kt) {
   return {q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(), q.size(0), q.size(1),
-          q.size(2), v.size(2)};
+          q.size(2), v.size(2), kt.defined() ? kt.const_data_ptr<float>() : nullptr};
+}
+at::Tensor transposed_keys(const at::Tensor& k) {
+  if (!g_use_avx512.load()) return at::Tensor();
+  const int64_t B = k.size(0), N = k.size(1), d = k.size(2), nk = (N + kBlockK - 1) / kBlockK;
+  return at::constant_pad_nd(k, {0, 0, 0, nk * kBlockK - N}).view({B, nk, kBlockK, d}).transpose(2, 3).contiguous();
 }
 
 // r (contiguous fp32) in empty_like(like)'s layout and dtype, the rule of the op's fakes.
@@ -530,8 +791,8 @@ std::tuple<at::Tensor, at::Tensor> nonlocal_attention_fwd_cpu(const at::Tensor& 
   at::Tensor out = at::empty({B, N, g.size(2)}, g.options().dtype(at::kFloat));
   at::Tensor stats = at::empty({2, B, N}, theta.options().dtype(at::kFloat));
   if (B * N > 0) {
-    const at::Tensor q = f32(theta), k = f32(phi), v = f32(g);
-    const Attention a = problem(q, k, v);
+    const at::Tensor q = f32(theta), k = f32(phi), v = f32(g), kt = transposed_keys(k);
+    const Attention a = problem(q, k, v, kt);
     float* m = stats.data_ptr<float>();
     (col ? forward_col : forward_row)(a, out.data_ptr<float>(), m, m + B * N);
   }
@@ -559,8 +820,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attention_bwd_cpu(const 
   at::Tensor dv = at::empty(g.sizes(), f32_options);
   if (B * N > 0) {
     const at::Tensor q = f32(theta), k = f32(phi), v = f32(g), dy = f32(dout), st = stats.contiguous();
+    const at::Tensor kt = transposed_keys(k);
     at::Tensor D = at::empty({B, N}, f32_options);
-    const Attention a = problem(q, k, v);
+    const Attention a = problem(q, k, v, kt);
     const float* m = st.const_data_ptr<float>();
     if (col) {
       const int64_t partial_numel = a.k_blocks() * B * N * a.d;
@@ -576,6 +838,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attention_bwd_cpu(const 
 }
 
 }  // namespace
+
+std::string cpu_attention_isa() { return g_use_avx512.load() ? "avx512" : "portable"; }
+
+void set_cpu_attention_isa(const std::string& isa) {
+  TORCH_CHECK(isa == "avx512" || isa == "portable", "set_cpu_attention_isa: expected 'avx512' or 'portable', got '",
+              isa, "'");
+  TORCH_CHECK(isa == "portable" || detect_avx512(), "set_cpu_attention_isa: this CPU (or build) has no AVX-512F");
+  g_use_avx512.store(isa == "avx512");
+}
 
 TORCH_LIBRARY_FRAGMENT(rnan_fast, m) {
   m.set_python_module("rnan_fast.ops.nonlocal_attention");

@@ -69,6 +69,8 @@ def backend_info() -> dict:
         "extension": EXTENSION,
         "extension_cuda": EXTENSION_CUDA,
         "extension_attention_cpu": EXTENSION_ATTENTION,   # the C++ CPU attention kernel
+        # the attention kernel's inner loops: "avx512" or "portable" (None: no kernel, or an older build)
+        "extension_attention_isa": _C.cpu_attention_isa() if hasattr(globals().get("_C"), "cpu_attention_isa") else None,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "extension_error": EXTENSION_ERROR or None,
         "triton": triton_available(),

@@ -20,6 +20,21 @@ MODES = ("query", "key")
 FLOOR = 2e-6   # relative to max |reference|: ~16 fp32 ulps, for sums over up to ~1e3 terms
 
 
+@pytest.fixture(autouse=True, params=["avx512", "portable"])
+def isa(request):
+    """Every test runs on both inner-loop paths of the kernel: the AVX-512 microkernels (where the
+    CPU has AVX-512F) and the portable MKL-tile loops of every other x86-64."""
+    from rnan_fast import _C
+
+    previous = _C.cpu_attention_isa()
+    try:
+        _C.set_cpu_attention_isa(request.param)
+    except RuntimeError as e:
+        pytest.skip(f"{request.param}: {e}")
+    yield request.param
+    _C.set_cpu_attention_isa(previous)
+
+
 def _inputs(B, N, d, dv, *, seed=0, image=False, dtype=torch.float32):
     """theta, phi (B, N, d), g (B, N, dv) in float64, cast to dtype. image=True: 1x1-conv-like
     projections of 0..255 pixels, so the unscaled scores reach ~1e4 as on real images."""
@@ -289,3 +304,21 @@ def test_column_backward_without_partials():
     computes dTheta by a query-major pass instead: 33 x 8200 x 64 x 4 B = 66 MiB here (the
     smallest kind of problem that takes that path; ~15 s, nearly all in the naive references)."""
     _check_against_float64(*_inputs(1, 8200, 64, 1), "query")
+
+
+def test_isa_switch(isa):
+    """The process-wide switch names the path in use, rejects unknown names, and is reported."""
+    from rnan_fast import _C
+
+    assert _C.cpu_attention_isa() == isa == rnan_fast.backend_info()["extension_attention_isa"]
+    with pytest.raises(RuntimeError, match="expected 'avx512' or 'portable'"):
+        _C.set_cpu_attention_isa("sse")
+    assert _C.cpu_attention_isa() == isa
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_key_blocks_at_cache_strides(mode):
+    """N a multiple of 1024 with several key blocks (the packed phi^T layout of the AVX-512 path)
+    and a tail of one key and one query past a register block."""
+    for N in (2048, 1024 + 256 + 33):
+        _check_against_float64(*_inputs(1, N, 32, 32, seed=N), mode)
