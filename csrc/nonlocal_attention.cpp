@@ -286,6 +286,9 @@ void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64
 
 constexpr int kRegRows = 8;       // queries per register block
 constexpr int64_t kRegKeys = 32;  // keys per register block: two zmm
+// Keys per product call of pass 2 (two register blocks of weights): its 8 x 2 accumulators are
+// loaded and stored once per 64 keys, 3% of the call's instructions at d_v = 32 (6% at 32 keys).
+constexpr int64_t kWeightKeys = 2 * kRegKeys;
 
 // The first n of 16 lanes (n <= 0: none, n >= 16: all).
 RNAN_AVX512_INLINE __mmask16 lane_mask(int64_t n) {
@@ -293,11 +296,13 @@ RNAN_AVX512_INLINE __mmask16 lane_mask(int64_t n) {
 }
 
 // 2^x on 16 lanes: the polynomial of exp2_f32 on f = x - round(x), times 2^round(x) by vscalefps,
-// which also gives 0 below 2^-149 and inf above 2^128, and passes NaN. x is first raised to at
-// least -150 (vmaxps returns its second operand, x, when x is NaN) so that -inf gives 0, not
-// the NaN of -inf - round(-inf).
+// which also gives 0 below 2^-149 and inf above 2^128, and passes NaN. -inf would give NaN (from
+// -inf - round(-inf)): kFromInf first raises x to at least -150 (vmaxps returns its second
+// operand, x, when x is NaN), for the one caller whose x can be -inf (the rescale from the initial
+// running max); every other x is a finite score difference (or NaN), and skips that op.
+template <bool kFromInf>
 RNAN_AVX512_INLINE __m512 exp2_v(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);
+  if (kFromInf) x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);
   const __m512 k = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, k);
   __m512 p = _mm512_set1_ps(kExp2Poly[0]);
@@ -361,7 +366,7 @@ RNAN_AVX512 void col_stats_avx512(const float* q_all, const float* kt, int64_t N
   alignas(64) float m[kBlockK], l[kBlockK];
   std::fill(m, m + kBlockK, -std::numeric_limits<float>::infinity());
   std::fill(l, l + kBlockK, 0.0f);
-  const __m512 log2e = _mm512_set1_ps(kLog2e), ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 log2e = _mm512_set1_ps(kLog2e), zero = _mm512_setzero_ps();
   __m512 v[kRegRows][2];
   const float* q[kRegRows];
   for (int64_t i0 = 0; i0 < N; i0 += kRegRows) {
@@ -369,9 +374,6 @@ RNAN_AVX512 void col_stats_avx512(const float* q_all, const float* kt, int64_t N
     block_rows(q_all + i0 * d, d, rv, q);
     for (int64_t js = 0; js < nj; js += kRegKeys) {
       score_block(q, d, kt + js, lane_mask(nj - js), lane_mask(nj - js - 16), v);
-      RNAN_UNROLL
-      for (int r = 0; r < kRegRows; ++r)
-        if (r >= rv) v[r][0] = v[r][1] = ninf;  // rows past N: weight 0
       RNAN_UNROLL
       for (int c = 0; c < 2; ++c) {
         float *mc = m + js + 16 * c, *lc = l + js + 16 * c;
@@ -381,12 +383,15 @@ RNAN_AVX512 void col_stats_avx512(const float* q_all, const float* kt, int64_t N
         const __m512 m_old = _mm512_load_ps(mc), m_new = _mm512_max_ps(m_old, bmax);
         __m512 lv = _mm512_load_ps(lc);
         if (_mm512_cmp_ps_mask(m_old, m_new, _CMP_LT_OQ) != 0) {
-          lv = _mm512_mul_ps(lv, exp2_v(_mm512_mul_ps(_mm512_sub_ps(m_old, m_new), log2e)));
+          lv = _mm512_mul_ps(lv, exp2_v<true>(_mm512_mul_ps(_mm512_sub_ps(m_old, m_new), log2e)));
           _mm512_store_ps(mc, m_new);
         }
         __m512 e[kRegRows];
         RNAN_UNROLL
-        for (int r = 0; r < kRegRows; ++r) e[r] = exp2_v(_mm512_mul_ps(_mm512_sub_ps(v[r][c], m_new), log2e));
+        for (int r = 0; r < kRegRows; ++r) {
+          // Rows past N repeat the last query (block_rows): harmless in the max, left out of the sum.
+          e[r] = r < rv ? exp2_v<false>(_mm512_mul_ps(_mm512_sub_ps(v[r][c], m_new), log2e)) : zero;
+        }
         const __m512 sum = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(e[0], e[1]), _mm512_add_ps(e[2], e[3])),
                                          _mm512_add_ps(_mm512_add_ps(e[4], e[5]), _mm512_add_ps(e[6], e[7])));
         _mm512_store_ps(lc, _mm512_add_ps(lv, sum));
@@ -404,8 +409,9 @@ RNAN_AVX512 void col_stats_avx512(const float* q_all, const float* kt, int64_t N
 // Not inlined: its 8 x V accumulators need the registers that the caller's exp constants hold
 // (inlined, GCC spilled the accumulators inside the j loop).
 template <int V>
-__attribute__((target("avx512f"), noinline)) void add_weighted_rows(const float (&p)[kRegRows][kRegKeys], int64_t nk, const float* g, int64_t dv,
-                                          float* acc, __mmask16 mask) {
+__attribute__((target("avx512f"), noinline)) void add_weighted_rows(const float (&p)[kRegRows][kWeightKeys], int64_t nk,
+                                                                   const float* g, int64_t dv,
+                                                                   float* acc, __mmask16 mask) {
   __m512 x[kRegRows][V];
   RNAN_UNROLL
   for (int r = 0; r < kRegRows; ++r)
@@ -436,7 +442,7 @@ RNAN_AVX512 void col_output_avx512(const float* q_all, const float* kt, const fl
                                    int64_t N, int64_t d, int64_t dv, int64_t i0, int64_t mi, float* acc, float* out) {
   std::fill(acc, acc + kBlockQ * dv, 0.0f);
   const __m512 log2e = _mm512_set1_ps(kLog2e);
-  alignas(64) float p[kRegRows][kRegKeys];
+  alignas(64) float p[kRegRows][kWeightKeys];
   __m512 v[kRegRows][2];
   const float* q[kRegRows];
   for (int64_t j0 = 0; j0 < N; j0 += kBlockK) {  // phi^T and g of 256 keys stay in L1/L2 for the 64 queries
@@ -445,18 +451,20 @@ RNAN_AVX512 void col_output_avx512(const float* q_all, const float* kt, const fl
     for (int64_t r0 = 0; r0 < mi; r0 += kRegRows) {
       block_rows(q_all + (i0 + r0) * d, d, std::min<int64_t>(kRegRows, mi - r0), q);
       float* acc_rows = acc + r0 * dv;  // rows past mi land in acc's spare rows, never copied out
-      for (int64_t js = j0; js < j0 + nj; js += kRegKeys) {
-        const int64_t nk = std::min(kRegKeys, j0 + nj - js);
-        const __mmask16 mk[2] = {lane_mask(nk), lane_mask(nk - 16)};
-        score_block(q, d, kt_block + (js - j0), mk[0], mk[1], v);
-        RNAN_UNROLL
-        for (int c = 0; c < 2; ++c) {
-          const __m512 mv = _mm512_maskz_loadu_ps(mk[c], m + js + 16 * c);
-          const __m512 rvec = _mm512_maskz_loadu_ps(mk[c], r + js + 16 * c);
+      for (int64_t js = j0; js < j0 + nj; js += kWeightKeys) {
+        const int64_t nk = std::min(kWeightKeys, j0 + nj - js);
+        for (int64_t h = 0; h < nk; h += kRegKeys) {  // one or two register blocks of weights
+          const __mmask16 mk[2] = {lane_mask(nk - h), lane_mask(nk - h - 16)};
+          score_block(q, d, kt_block + (js + h - j0), mk[0], mk[1], v);
           RNAN_UNROLL
-          for (int rr = 0; rr < kRegRows; ++rr)
-            _mm512_store_ps(&p[rr][16 * c],
-                            exp2_v(_mm512_fmsub_ps(_mm512_sub_ps(v[rr][c], mv), log2e, rvec)));
+          for (int c = 0; c < 2; ++c) {
+            const __m512 mv = _mm512_maskz_loadu_ps(mk[c], m + js + h + 16 * c);
+            const __m512 rvec = _mm512_maskz_loadu_ps(mk[c], r + js + h + 16 * c);
+            RNAN_UNROLL
+            for (int rr = 0; rr < kRegRows; ++rr)
+              _mm512_store_ps(&p[rr][h + 16 * c],
+                              exp2_v<false>(_mm512_fmsub_ps(_mm512_sub_ps(v[rr][c], mv), log2e, rvec)));
+          }
         }
         const float* gj = g + js * dv;
         int64_t c0 = 0;
