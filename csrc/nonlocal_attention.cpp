@@ -445,32 +445,32 @@ RNAN_AVX512 void col_output_avx512(const float* q_all, const float* kt, const fl
   alignas(64) float p[kRegRows][kWeightKeys];
   __m512 v[kRegRows][2];
   const float* q[kRegRows];
-  for (int64_t j0 = 0; j0 < N; j0 += kBlockK) {  // phi^T and g of 256 keys stay in L1/L2 for the 64 queries
-    const int64_t nj = std::min(kBlockK, N - j0);
-    const float* kt_block = kt + j0 * d;  // block j0 / kBlockK, d x kBlockK
+  // Keys outer, queries inner: the 64 keys' phi^T (d x 64) and g (64 x dv) stay in L1 while the
+  // 8 register blocks of queries pass over them (with the queries outer they came from L2 once per
+  // block). Each row still sums its keys in increasing order.
+  for (int64_t js = 0; js < N; js += kWeightKeys) {
+    const int64_t nk = std::min(kWeightKeys, N - js);
+    const float* kt_keys = kt + (js / kBlockK) * d * kBlockK + js % kBlockK;  // packed block, column
     for (int64_t r0 = 0; r0 < mi; r0 += kRegRows) {
       block_rows(q_all + (i0 + r0) * d, d, std::min<int64_t>(kRegRows, mi - r0), q);
-      float* acc_rows = acc + r0 * dv;  // rows past mi land in acc's spare rows, never copied out
-      for (int64_t js = j0; js < j0 + nj; js += kWeightKeys) {
-        const int64_t nk = std::min(kWeightKeys, j0 + nj - js);
-        for (int64_t h = 0; h < nk; h += kRegKeys) {  // one or two register blocks of weights
-          const __mmask16 mk[2] = {lane_mask(nk - h), lane_mask(nk - h - 16)};
-          score_block(q, d, kt_block + (js + h - j0), mk[0], mk[1], v);
+      for (int64_t h = 0; h < nk; h += kRegKeys) {  // one or two register blocks of weights
+        const __mmask16 mk[2] = {lane_mask(nk - h), lane_mask(nk - h - 16)};
+        score_block(q, d, kt_keys + h, mk[0], mk[1], v);
+        RNAN_UNROLL
+        for (int c = 0; c < 2; ++c) {
+          const __m512 mv = _mm512_maskz_loadu_ps(mk[c], m + js + h + 16 * c);
+          const __m512 rvec = _mm512_maskz_loadu_ps(mk[c], r + js + h + 16 * c);
           RNAN_UNROLL
-          for (int c = 0; c < 2; ++c) {
-            const __m512 mv = _mm512_maskz_loadu_ps(mk[c], m + js + h + 16 * c);
-            const __m512 rvec = _mm512_maskz_loadu_ps(mk[c], r + js + h + 16 * c);
-            RNAN_UNROLL
-            for (int rr = 0; rr < kRegRows; ++rr)
-              _mm512_store_ps(&p[rr][h + 16 * c],
-                              exp2_v<false>(_mm512_fmsub_ps(_mm512_sub_ps(v[rr][c], mv), log2e, rvec)));
-          }
+          for (int rr = 0; rr < kRegRows; ++rr)
+            _mm512_store_ps(&p[rr][h + 16 * c],
+                            exp2_v<false>(_mm512_fmsub_ps(_mm512_sub_ps(v[rr][c], mv), log2e, rvec)));
         }
-        const float* gj = g + js * dv;
-        int64_t c0 = 0;
-        for (; c0 + 32 <= dv; c0 += 32) add_weighted_rows<2>(p, nk, gj + c0, dv, acc_rows + c0, 0xFFFF);
-        for (; c0 < dv; c0 += 16) add_weighted_rows<1>(p, nk, gj + c0, dv, acc_rows + c0, lane_mask(dv - c0));
       }
+      const float* gj = g + js * dv;
+      float* acc_rows = acc + r0 * dv;  // rows past mi land in acc's spare rows, never copied out
+      int64_t c0 = 0;
+      for (; c0 + 32 <= dv; c0 += 32) add_weighted_rows<2>(p, nk, gj + c0, dv, acc_rows + c0, 0xFFFF);
+      for (; c0 < dv; c0 += 16) add_weighted_rows<1>(p, nk, gj + c0, dv, acc_rows + c0, lane_mask(dv - c0));
     }
   }
   std::copy(acc, acc + mi * dv, out);
