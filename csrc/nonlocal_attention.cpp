@@ -259,7 +259,7 @@ void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64
 }
 
 // ---- AVX-512 microkernels ----------------------------------------------------------------------
-// On CPUs with AVX-512F (detected at load time; `set_cpu_attention_isa("portable")` turns them
+// On CPUs with AVX-512F and DQ (detected at load time; `set_cpu_attention_isa("portable")` turns them
 // off, for tests and comparisons) the score tiles of every pass come from score_block instead of
 // MKL, and the column forward fuses each block's gemm, exps and reductions in registers: a block
 // of 8 queries x 32 keys of S lives in 16 zmm registers; pass 1 folds it straight into the
@@ -278,8 +278,8 @@ void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-#define RNAN_AVX512 __attribute__((target("avx512f")))
-#define RNAN_AVX512_INLINE inline __attribute__((target("avx512f"), always_inline))
+#define RNAN_AVX512 __attribute__((target("avx512f,avx512dq")))
+#define RNAN_AVX512_INLINE inline __attribute__((target("avx512f,avx512dq"), always_inline))
 // The loops over a block's registers (rows, vectors, polynomial terms) unrolled, so that the
 // block stays in registers rather than in an array on the stack.
 #define RNAN_UNROLL _Pragma("GCC unroll 16")
@@ -295,20 +295,24 @@ RNAN_AVX512_INLINE __mmask16 lane_mask(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
-// 2^x on 16 lanes: the polynomial of exp2_f32 on f = x - round(x), times 2^round(x) by vscalefps,
-// which also gives 0 below 2^-149 and inf above 2^128, and passes NaN. -inf would give NaN (from
-// -inf - round(-inf)): kFromInf first raises x to at least -150 (vmaxps returns its second
-// operand, x, when x is NaN), for the one caller whose x can be -inf (the rescale from the initial
-// running max); every other x is a finite score difference (or NaN), and skips that op.
+// 2^x on 16 lanes: p(f) for f = x - floor(x) in [0, 1) (vreduceps), times 2^floor(x) (vscalefps,
+// which also gives 0 below 2^-149, inf above 2^128, and passes NaN). p: degree 5, fitted here for
+// relative error 1.6e-7 (2.7 fp32 ulps; exp2_f32's degree 6 has 1e-7 and one more FMA), with
+// p(0) = 1 exactly so that the dominant weight of a saturated softmax is exactly 1. -inf would
+// give NaN: kFromInf first raises x to at least -150 (vmaxps returns its second operand, x, when
+// x is NaN), for the one caller whose x can be -inf (the rescale from the initial running max);
+// every other x is a finite score difference (or NaN) and skips that op.
+constexpr int kExp2VTerms = 6;
+constexpr float kExp2VPoly[kExp2VTerms] = {1.8671307480e-03f, 9.0170288458e-03f, 5.5799912661e-02f,
+                                           2.4016444385e-01f, 6.9315129519e-01f, 1.0f};  // highest degree first
 template <bool kFromInf>
 RNAN_AVX512_INLINE __m512 exp2_v(__m512 x) {
   if (kFromInf) x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);
-  const __m512 k = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, k);
-  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_set1_ps(kExp2VPoly[0]);
   RNAN_UNROLL
-  for (int n = 1; n < kExp2Terms; ++n) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[n]));
-  return _mm512_scalef_ps(p, k);
+  for (int n = 1; n < kExp2VTerms; ++n) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2VPoly[n]));
+  return _mm512_scalef_ps(p, x);
 }
 
 // s[r][c] = S of query row q[r] and keys 16c..16c+15 of kt (packed phi^T at the block's first
@@ -409,7 +413,7 @@ RNAN_AVX512 void col_stats_avx512(const float* q_all, const float* kt, int64_t N
 // Not inlined: its 8 x V accumulators need the registers that the caller's exp constants hold
 // (inlined, GCC spilled the accumulators inside the j loop).
 template <int V>
-__attribute__((target("avx512f"), noinline)) void add_weighted_rows(const float (&p)[kRegRows][kWeightKeys], int64_t nk,
+__attribute__((target("avx512f,avx512dq"), noinline)) void add_weighted_rows(const float (&p)[kRegRows][kWeightKeys], int64_t nk,
                                                                    const float* g, int64_t dv,
                                                                    float* acc, __mmask16 mask) {
   __m512 x[kRegRows][V];
@@ -479,7 +483,7 @@ RNAN_AVX512 void col_output_avx512(const float* q_all, const float* kt, const fl
 
 bool detect_avx512() {
 #if RNAN_HAVE_AVX512
-  return __builtin_cpu_supports("avx512f");
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
 #else
   return false;
 #endif
@@ -852,7 +856,8 @@ std::string cpu_attention_isa() { return g_use_avx512.load() ? "avx512" : "porta
 void set_cpu_attention_isa(const std::string& isa) {
   TORCH_CHECK(isa == "avx512" || isa == "portable", "set_cpu_attention_isa: expected 'avx512' or 'portable', got '",
               isa, "'");
-  TORCH_CHECK(isa == "portable" || detect_avx512(), "set_cpu_attention_isa: this CPU (or build) has no AVX-512F");
+  TORCH_CHECK(isa == "portable" || detect_avx512(),
+              "set_cpu_attention_isa: this CPU (or build) lacks AVX-512F/DQ");
   g_use_avx512.store(isa == "avx512");
 }
 

@@ -1,5 +1,5 @@
 // The process-wide choice of the CPU attention kernel's inner loops (csrc/nonlocal_attention.cpp),
-// bound in the extension's Python module: "avx512" (the default where the CPU has AVX-512F) or
+// bound in the extension's Python module: "avx512" (the default where the CPU has AVX-512F and DQ) or
 // "portable" (MKL sgemm tiles and compiler-vectorised loops, the path of every other x86-64).
 #pragma once
 

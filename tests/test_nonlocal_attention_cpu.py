@@ -23,7 +23,7 @@ FLOOR = 2e-6   # relative to max |reference|: ~16 fp32 ulps, for sums over up to
 @pytest.fixture(autouse=True, params=["avx512", "portable"])
 def isa(request):
     """Every test runs on both inner-loop paths of the kernel: the AVX-512 microkernels (where the
-    CPU has AVX-512F) and the portable MKL-tile loops of every other x86-64."""
+    CPU has AVX-512F/DQ) and the portable MKL-tile loops of every other x86-64."""
     from rnan_fast import _C
 
     previous = _C.cpu_attention_isa()
