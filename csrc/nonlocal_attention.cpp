@@ -15,8 +15,9 @@
 // (natural units), stats[1] = r = log2 sum exp2((S - m) log2 e); every weight is then
 // exp2((S - m) log2 e - r). S - m is exact near the max (Sterbenz), so the dominant weight of a
 // saturated softmax (scores ~1e4 on 0..255 images, where one fp32 ulp of S is ~1e-3) is 1 to the
-// last bit, provided every pass gets the same bits for S_ij: every pass computes a score tile
-// with the very same gemm call (same operands, shapes, leading dimensions), `Attention::scores`.
+// last bit, provided every pass gets the same bits for S_ij: every pass computes S with the very
+// same arithmetic, `Attention::scores` (one sgemm call shape on the portable path; one chain of
+// FMAs over k, `score_block`, on the AVX-512 path, whose fused column forward uses it too).
 //
 // Column softmax ("query"):
 //   pass 1, key-major (one task per key block): online (max, sum) over all query blocks;
@@ -35,13 +36,18 @@
 // a fixed order; the tile grid depends on N only, never on the thread count. So results are
 // bit-identical from run to run and for any number of threads (the tests check 1 vs 2 threads).
 //
-// Arithmetic, all fp32: score, dP and product tiles go through MKL's sgemm (blocked and
-// vectorised; called from inside the parallel loop, where MKL runs single-threaded; ATen's mm
-// where PyTorch was built without MKL), the
-// elementwise work on a tile (exp2, max, sums, dS) through plain C++ loops compiled for three
-// x86-64 levels (target_clones; AVX-512 here), with a polynomial exp2 (relative error ~3e-9 plus
-// rounding) so that they vectorise. bf16 inputs are widened to fp32 once (O(N d)) and the results
-// rounded back: their products are exact in fp32 either way, and MKL's bf16 gemm
+// Arithmetic, all fp32. Two paths, one per process (`set_cpu_attention_isa`):
+//   "avx512" (CPUs with AVX-512F/DQ): score tiles and the whole column forward are the
+//     register-blocked microkernels of the AVX-512 section below (1.4x SDPA's one-pass row
+//     forward at N = 16384, d = 32, against 2.0x on the portable path; BENCHMARKS.md); the
+//     backward's dP and product tiles stay on sgemm, its elementwise loops as below;
+//   "portable" (any x86-64): score, dP and product tiles through MKL's sgemm (blocked and
+//     vectorised; called from inside the parallel loop, where MKL runs single-threaded; ATen's
+//     mm where PyTorch was built without MKL), the elementwise work on a tile (exp2, max, sums,
+//     dS) through plain C++ loops compiled for three x86-64 levels (target_clones), with a
+//     polynomial exp2 (relative error ~3e-9 plus rounding) so that they vectorise.
+// bf16 inputs are widened to fp32 once (O(N d)) and the results rounded back: their products are
+// exact in fp32 either way, and MKL's bf16 gemm
 // (cblas_gemm_bf16bf16f32) measured 1.5-3x slower than sgemm at these tile shapes (d = 16: fwd
 // 483 ms against 150 ms at B = 16, N = 48^2), so bf16 buys no speed here, only memory.
 #include <torch/extension.h>
