@@ -242,6 +242,16 @@ def test_checkpoints_load_in_restore_and_eval(train_dir, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- signals and SIGKILL
 
+def test_signal_checks_under_ddp_only_on_syncing_steps():
+    """One process looks at the flag every step; DDP ranks only on steps that sync anyway and
+    every SIGNAL_CHECK_EVERY steps, so a signal costs at most that many steps' delay."""
+    k = loop.SIGNAL_CHECK_EVERY
+    assert all(loop.signal_check_due(s, False, False) for s in range(1, 3 * k))
+    due = [s for s in range(1, 3 * k + 1) if loop.signal_check_due(s, True, False)]
+    assert due == [k, 2 * k, 3 * k]
+    assert loop.signal_check_due(k + 1, True, True)
+
+
 def _train_proc(out, train_dir, steps, extra=()):
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -60,6 +60,19 @@ class NonFiniteLoss(RuntimeError):
         self.step, self.value, self.last_good = step, value, last_good
 
 
+# Under DDP the ranks agree on a received signal through an all-reduce, which waits for the
+# step's work (on a GPU: a host sync that would stall the queue of launches every step). So they
+# compare flags only on steps that sync anyway (log, save, validation) and every
+# SIGNAL_CHECK_EVERY steps: a signal stops the run at most that many steps late (torchrun forwards
+# SIGTERM to every rank, and schedulers give seconds of grace). One process checks every step.
+SIGNAL_CHECK_EVERY = 10
+
+
+def signal_check_due(step: int, distributed: bool, syncing: bool) -> bool:
+    """Whether step `step` (1-based, just finished) looks at the signal flag."""
+    return not distributed or syncing or step % SIGNAL_CHECK_EVERY == 0
+
+
 class Interrupted(Exception):
     """SIGINT or SIGTERM: last.pt was saved at `step`."""
 
@@ -529,10 +542,12 @@ def _run(cfg, d, resume, quiet, message, state) -> dict:
                         torch._foreach_lerp_(ema_pairs[0], ema_pairs[1], 1.0 - cfg.ema)
                 step = step_index + 1
                 bar.update(1)
-                stop = d.any(signals.received is not None)
                 log_now = step % cfg.log_every == 0 or step == cfg.steps
-                save_now = step % cfg.save_every == 0 or step == cfg.steps or stop
+                save_now = step % cfg.save_every == 0 or step == cfg.steps
                 val_now = bool(val_pairs) and (step % cfg.val_every == 0 or step == cfg.steps)
+                stop = (d.any(signals.received is not None)
+                        if signal_check_due(step, d.active, log_now or save_now or val_now) else False)
+                save_now = save_now or stop
                 if log_now or save_now or val_now:
                     mean = flush()
                     if mean is not None:
