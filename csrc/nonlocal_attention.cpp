@@ -81,6 +81,7 @@ constexpr float kLog2e = 1.44269504088896341f;
 // (256 at N = 128^2) to share among the threads.
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 256;
+constexpr int64_t key_blocks(int64_t N) { return (N + kBlockK - 1) / kBlockK; }
 // Column backward: dTheta from per-key-block partial sums while they take at most this much
 // memory (training batches: 9 blocks x 16 x 48^2 x 16 fp32 = 21 MiB), else by a query-major pass.
 constexpr int64_t kPartialBudget = int64_t(64) << 20;
@@ -264,12 +265,18 @@ void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64
   beta == 0.0f ? C.copy_(prod) : C.mul_(beta).add_(prod);
 }
 
+// Key j of one batch's packed phi^T, the AVX-512 path's layout (key blocks, d, kBlockK; see
+// below): block j / kBlockK, column j % kBlockK.
+inline const float* packed_key(const float* kt_batch, int64_t d, int64_t j) {
+  return kt_batch + (j / kBlockK) * d * kBlockK + j % kBlockK;
+}
+
 // ---- AVX-512 microkernels ----------------------------------------------------------------------
 // On CPUs with AVX-512F and DQ (detected at load time; `set_cpu_attention_isa("portable")` turns them
 // off, for tests and comparisons) the score tiles of every pass come from score_block instead of
 // MKL, and the column forward fuses each block's gemm, exps and reductions in registers: a block
 // of 8 queries x 32 keys of S lives in 16 zmm registers; pass 1 folds it straight into the
-// per-key (max, sum), pass 2 turns it into weights and multiplies them by g from an 8 x 32
+// per-key (max, sum), pass 2 turns it into weights and multiplies them by g from an 8 x 64
 // buffer in L1. On the MKL path each 64 KiB score tile goes through L2 three times per pass
 // (written by sgemm, read by the exps, read by the next sgemm), and each sgemm call packs its
 // operands for a k of only d (16-64) or 256. S_ij is one chain of FMAs over k = 0..d-1 in every
@@ -282,10 +289,12 @@ void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64
 // GCC 12 warns "__Y may be used uninitialized" inside its own avx512fintrin.h (the deliberately
 // undefined pass-through operand of roundscale / scalef); nothing of ours is uninitialised.
 #if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 #define RNAN_AVX512 __attribute__((target("avx512f,avx512dq")))
 #define RNAN_AVX512_INLINE inline __attribute__((target("avx512f,avx512dq"), always_inline))
+#define RNAN_AVX512_NOINLINE __attribute__((target("avx512f,avx512dq"), noinline))
 // The loops over a block's registers (rows, vectors, polynomial terms) unrolled, so that the
 // block stays in registers rather than in an array on the stack.
 #define RNAN_UNROLL _Pragma("GCC unroll 16")
@@ -415,22 +424,21 @@ RNAN_AVX512 void col_stats_avx512(const float* q_all, const float* kt, int64_t N
 }
 
 // acc[r][c0:c0+16V] += sum_{j < nk} p[r][j] g[j][c0:...] for the 8 rows (row stride dv), j in
-// order; V = 2 vectors, or 1 vector of the lanes in mask.
+// order, on the lanes in mask (V = 2: all of both vectors).
 // Not inlined: its 8 x V accumulators need the registers that the caller's exp constants hold
 // (inlined, GCC spilled the accumulators inside the j loop).
 template <int V>
-__attribute__((target("avx512f,avx512dq"), noinline)) void add_weighted_rows(const float (&p)[kRegRows][kWeightKeys], int64_t nk,
-                                                                   const float* g, int64_t dv,
-                                                                   float* acc, __mmask16 mask) {
+RNAN_AVX512_NOINLINE void add_weighted_rows(const float (&p)[kRegRows][kWeightKeys], int64_t nk, const float* g,
+                                            int64_t dv, float* acc, __mmask16 mask) {
   __m512 x[kRegRows][V];
   RNAN_UNROLL
   for (int r = 0; r < kRegRows; ++r)
     RNAN_UNROLL
-    for (int c = 0; c < V; ++c) x[r][c] = _mm512_maskz_loadu_ps(V == 2 ? 0xFFFF : mask, acc + r * dv + 16 * c);
+    for (int c = 0; c < V; ++c) x[r][c] = _mm512_maskz_loadu_ps(mask, acc + r * dv + 16 * c);
   for (int64_t j = 0; j < nk; ++j) {
     __m512 gj[V];
     RNAN_UNROLL
-    for (int c = 0; c < V; ++c) gj[c] = _mm512_maskz_loadu_ps(V == 2 ? 0xFFFF : mask, g + j * dv + 16 * c);
+    for (int c = 0; c < V; ++c) gj[c] = _mm512_maskz_loadu_ps(mask, g + j * dv + 16 * c);
     RNAN_UNROLL
     for (int r = 0; r < kRegRows; ++r) {
       const __m512 w = _mm512_set1_ps(p[r][j]);
@@ -441,7 +449,7 @@ __attribute__((target("avx512f,avx512dq"), noinline)) void add_weighted_rows(con
   RNAN_UNROLL
   for (int r = 0; r < kRegRows; ++r)
     RNAN_UNROLL
-    for (int c = 0; c < V; ++c) _mm512_mask_storeu_ps(acc + r * dv + 16 * c, V == 2 ? 0xFFFF : mask, x[r][c]);
+    for (int c = 0; c < V; ++c) _mm512_mask_storeu_ps(acc + r * dv + 16 * c, mask, x[r][c]);
 }
 
 // Pass 2 of the column forward for queries i0..i0+mi-1 (mi <= kBlockQ) of one batch: out rows =
@@ -460,7 +468,7 @@ RNAN_AVX512 void col_output_avx512(const float* q_all, const float* kt, const fl
   // block). Each row still sums its keys in increasing order.
   for (int64_t js = 0; js < N; js += kWeightKeys) {
     const int64_t nk = std::min(kWeightKeys, N - js);
-    const float* kt_keys = kt + (js / kBlockK) * d * kBlockK + js % kBlockK;  // packed block, column
+    const float* kt_keys = packed_key(kt, d, js);
     for (int64_t r0 = 0; r0 < mi; r0 += kRegRows) {
       block_rows(q_all + (i0 + r0) * d, d, std::min<int64_t>(kRegRows, mi - r0), q);
       for (int64_t h = 0; h < nk; h += kRegKeys) {  // one or two register blocks of weights
@@ -485,6 +493,9 @@ RNAN_AVX512 void col_output_avx512(const float* q_all, const float* kt, const fl
   }
   std::copy(acc, acc + mi * dv, out);
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #endif
 
 bool detect_avx512() {
@@ -515,7 +526,7 @@ struct Attention {
   const float* kt;  // packed phi^T (B, k_blocks, d, kBlockK) on the AVX-512 path, else nullptr (MKL path)
 
   int64_t q_blocks() const { return (N + kBlockQ - 1) / kBlockQ; }
-  int64_t k_blocks() const { return (N + kBlockK - 1) / kBlockK; }
+  int64_t k_blocks() const { return key_blocks(N); }
   const float* q_rows(int64_t b, int64_t i0) const { return q + (b * N + i0) * d; }
   const float* k_rows(int64_t b, int64_t j0) const { return k + (b * N + j0) * d; }
   const float* v_rows(int64_t b, int64_t j0) const { return v + (b * N + j0) * dv; }
@@ -528,10 +539,8 @@ struct Attention {
 #endif
     mm(false, true, mi, nj, d, q_rows(b, i0), d, k_rows(b, j0), d, 0.0f, s, kBlockK);
   }
-  // Packed phi^T of batch b at key j0: block j0 / kBlockK (d x kBlockK), column j0 % kBlockK.
-  const float* kt_keys(int64_t b, int64_t j0) const {
-    return kt + (b * k_blocks() + j0 / kBlockK) * d * kBlockK + j0 % kBlockK;
-  }
+  // Packed phi^T of batch b at key j0.
+  const float* kt_keys(int64_t b, int64_t j0) const { return packed_key(kt + b * k_blocks() * d * kBlockK, d, j0); }
   // dP tile = dY[i0:i0+mi] g[j0:j0+nj]^T.
   void dscores(const float* dy, int64_t b, int64_t i0, int64_t mi, int64_t j0, int64_t nj, float* dp) const {
     mm(false, true, mi, nj, dv, dy + (b * N + i0) * dv, dv, v_rows(b, j0), dv, 0.0f, dp, kBlockK);
@@ -790,7 +799,7 @@ Attention problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }
 at::Tensor transposed_keys(const at::Tensor& k) {
   if (!g_use_avx512.load()) return at::Tensor();
-  const int64_t B = k.size(0), N = k.size(1), d = k.size(2), nk = (N + kBlockK - 1) / kBlockK;
+  const int64_t B = k.size(0), N = k.size(1), d = k.size(2), nk = key_blocks(N);
   return at::constant_pad_nd(k, {0, 0, 0, nk * kBlockK - N}).view({B, nk, kBlockK, d}).transpose(2, 3).contiguous();
 }
 

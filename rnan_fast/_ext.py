@@ -15,6 +15,7 @@ EXTENSION = False          # rnan_fast._C loaded (its C++ CPU kernels are there)
 EXTENSION_CUDA = False     # rnan_fast._C was compiled with its CUDA kernels
 EXTENSION_ATTENTION = False  # rnan_fast._C has the C++ CPU non-local attention kernel
 EXTENSION_ERROR = ""
+_cpu_attention_isa = None    # rnan_fast._C.cpu_attention_isa (builds before it lack it)
 if importlib.util.find_spec("rnan_fast._C") is None:
     EXTENSION_ERROR = "rnan_fast._C is not built: install with `pip install --no-build-isolation -e .`"
 else:
@@ -24,6 +25,7 @@ else:
         EXTENSION_CUDA = bool(_C.cuda_compiled())
         EXTENSION_ATTENTION = torch._C._dispatch_has_kernel_for_dispatch_key(
             "rnan_fast::nonlocal_attention_fwd", "CPU")   # False for a build that predates it
+        _cpu_attention_isa = getattr(_C, "cpu_attention_isa", None)
     except Exception as e:  # an ABI mismatch (built against another torch) surfaces as ImportError/OSError
         EXTENSION_ERROR = f"rnan_fast._C failed to load: {type(e).__name__}: {e}"
 
@@ -70,7 +72,7 @@ def backend_info() -> dict:
         "extension_cuda": EXTENSION_CUDA,
         "extension_attention_cpu": EXTENSION_ATTENTION,   # the C++ CPU attention kernel
         # the attention kernel's inner loops: "avx512" or "portable" (None: no kernel, or an older build)
-        "extension_attention_isa": _C.cpu_attention_isa() if hasattr(globals().get("_C"), "cpu_attention_isa") else None,
+        "extension_attention_isa": _cpu_attention_isa() if EXTENSION_ATTENTION and _cpu_attention_isa else None,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "extension_error": EXTENSION_ERROR or None,
         "triton": triton_available(),
