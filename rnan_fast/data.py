@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from rnan_fast.imresize import imresize, to_uint8
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "ImageReadError", "read_image", "atomic_write", "write_png_atomic", "list_images",
+    "IMAGE_EXTENSIONS", "ImageReadError", "read_image", "atomic_write", "new_file_mode", "write_png_atomic", "list_images",
     "to_gray", "to_rgb", "rgb_to_y", "add_gaussian_noise", "noise_seed", "jpeg", "mosaic",
     "modcrop", "bicubic_downscale", "bicubic_upscale", "to_uint8", "TASKS", "TASK_COLORS",
     "ground_truth", "degrade",
@@ -138,14 +138,16 @@ def write_png_atomic(path: str | os.PathLike, img: np.ndarray) -> None:
     img = np.asarray(img)
     if img.dtype != np.uint8:
         raise TypeError(f"write_png_atomic expects uint8, got {img.dtype}")
-    with atomic_write(path, mode=0o666 & ~_umask()) as f:
+    with atomic_write(path, mode=new_file_mode()) as f:
         Image.fromarray(img).save(f, format="PNG")
 
 
-def _umask() -> int:
+def new_file_mode() -> int:
+    """The permissions of an ordinary new file: 0666 less the umask (mkstemp's own are 0600).
+    The umask can only be read by setting it, so it is set and put back at once."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

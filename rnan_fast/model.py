@@ -28,7 +28,7 @@ __all__ = ["RNAN", "CheckpointError", "make_model"]
 _DEFAULTS = {"n_colors": 3, "scale": 1, "n_feats": 64, "n_resgroups": 10, "rgb_range": 255,
              "softmax_over": "query"}
 # The settings that decide parameter shapes (what a checkpoint must agree with).
-_SHAPE_KEYS = ("n_colors", "scale", "n_feats", "n_resgroups")
+SHAPE_KEYS = ("n_colors", "scale", "n_feats", "n_resgroups")
 # Keys under which training scripts nest a state dict, tried in this order.
 _WRAPPER_KEYS = ("state_dict", "model", "params")
 # The "format" entry of a rnan_fast.train checkpoint: {"model": ..., "ema": ... or None, ...}.
@@ -136,7 +136,7 @@ class RNAN(nn.Module):
         config.update({k: v for k, v in given.items() if v is not None})
         if isinstance(config["scale"], (list, tuple)):
             config["scale"] = _first_scale(config["scale"])
-        for key in _SHAPE_KEYS:  # numpy / tensor ints -> int
+        for key in SHAPE_KEYS:  # numpy / tensor ints -> int
             if isinstance(config[key], numbers.Integral) and not isinstance(config[key], bool):
                 config[key] = int(config[key])
         _check_config(**config)
@@ -210,7 +210,7 @@ class RNAN(nn.Module):
         config = {**inferred, **{k: v for k, v in given.items() if v is not None}}
         net = cls(**config, softmax_over=softmax_over)
         hint = ""
-        if any(config[k] != inferred[k] for k in _SHAPE_KEYS):
+        if any(config[k] != inferred[k] for k in SHAPE_KEYS):
             hint = f"\n  (the weights look like {_describe(inferred)})"
         net._load_checked(state_dict, source, hint)
         if isinstance(map_location, (str, torch.device)):
@@ -261,7 +261,7 @@ for _key in _DEFAULTS:
 
 
 def _describe(config: Mapping) -> str:
-    return "RNAN(" + ", ".join(f"{k}={config[k]}" for k in _SHAPE_KEYS) + ")"
+    return "RNAN(" + ", ".join(f"{k}={config[k]}" for k in SHAPE_KEYS) + ")"
 
 
 def make_model(args: Any, parent: bool = False) -> RNAN:
@@ -276,7 +276,7 @@ def read_checkpoint(path_or_state_dict: str | os.PathLike | Mapping, map_locatio
     """(flat state dict, a name for messages) from a checkpoint file or an in-memory dict."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         source = os.fspath(path_or_state_dict)
-        obj = _load_file(source, map_location, weights_only)
+        obj = load_checkpoint_file(source, map_location, weights_only)
     elif isinstance(path_or_state_dict, Mapping):
         source, obj = "state dict", path_or_state_dict
     else:
@@ -287,7 +287,9 @@ def read_checkpoint(path_or_state_dict: str | os.PathLike | Mapping, map_locatio
     return _unwrap(obj, source), source
 
 
-def _load_file(path: str, map_location: Any, weights_only: bool) -> Any:
+def load_checkpoint_file(path: str, map_location: Any, weights_only: bool) -> Any:
+    """torch.load of `path`, with FileNotFoundError / IsADirectoryError / CheckpointError that
+    name the file and say what is wrong with it (empty, not a checkpoint, pickled objects)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(2, "checkpoint file not found", path)

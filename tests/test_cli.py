@@ -17,7 +17,7 @@ from PIL import Image
 from rnan_fast import RNAN, cli
 from rnan_fast.cli import eval as cli_eval
 from rnan_fast import data as D
-from rnan_fast.data import _umask
+from rnan_fast.data import new_file_mode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ def test_restore_folder_gray_model_matches_library(ckpts, crops, tmp_path, capsy
     net = RNAN.from_checkpoint(ckpts["gray"]).eval()
     ref = restore_image(net, D.to_gray(D.read_image(crops["rgb"] / "kodim01.png")))
     assert np.array_equal(got, ref)
-    assert (outdir / "mcm1.png").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert (outdir / "mcm1.png").stat().st_mode & 0o777 == new_file_mode()
 
 
 def test_restore_tile_and_chop_options(ckpts, crops, tmp_path, capsys):

@@ -266,7 +266,7 @@ def _write_csv(path: Path, rows: list[dict], mean: dict) -> None:
     as an ordinary new file): a reader never sees half a table, and no temporary is left."""
     fmt = lambda v: v if isinstance(v, str) else ("" if v is None else f"{v:.6f}")  # noqa: E731
     try:
-        with D.atomic_write(path, mode=0o666 & ~D._umask()) as raw, \
+        with D.atomic_write(path, mode=D.new_file_mode()) as raw, \
                 io.TextIOWrapper(raw, newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(list(mean))

@@ -48,8 +48,7 @@ def load_net(args, device, default_model: bool = True):
             raise UserError(f"no --weights or --model given, and the default model {name!r} does not ship "
                             f"in {weights.folder()} yet; pass --weights W.pt (`{PROG} models` lists what ships)")
     try:
-        card = weights.card(name)
-        net = weights.load(name, device)
+        net, card = weights.load_with_card(name, device)
     except ValueError as e:  # WeightsError, or CheckpointError from a file that does not load
         raise UserError(str(e)) from None
     _report(f"{PROG}: note: model {name}: {card['task']}, {describe_noise(card)}, {net.describe()}",

@@ -42,9 +42,9 @@ def write_checkpoint(path: str | os.PathLike, state: dict) -> None:
 def read_training_checkpoint(path: str | os.PathLike) -> dict:
     """The dict that write_checkpoint saved (CPU tensors, weights-only load). CheckpointError
     (a ValueError) for a file that is not a training checkpoint."""
-    from rnan_fast.model import _load_file
+    from rnan_fast.model import load_checkpoint_file
 
-    obj = _load_file(os.fspath(path), "cpu", True)
+    obj = load_checkpoint_file(os.fspath(path), "cpu", True)
     if not isinstance(obj, dict) or obj.get("format") != TRAINING_FORMAT:
         raise CheckpointError(f"{path}: not a rnan-fast training checkpoint (no format {TRAINING_FORMAT!r}); "
                               "use --init to start a run from plain weights")

@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from rnan_fast.data import _umask, atomic_write
+from rnan_fast.data import atomic_write, new_file_mode
 from rnan_fast.train import checkpoint as C
 from rnan_fast.train import datasets as DS
 from rnan_fast.train import distributed
@@ -290,7 +290,7 @@ class _RunFiles:
 
     def write_config(self, cfg: TrainConfig) -> None:
         if self.main:
-            with atomic_write(self.config, mode=0o666 & ~_umask()) as f:
+            with atomic_write(self.config, mode=new_file_mode()) as f:
                 f.write((json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
 
     def trim_log(self, step: int) -> None:
@@ -299,7 +299,7 @@ class _RunFiles:
             return
         kept = [line for line in self.log.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        with atomic_write(self.log, mode=0o666 & ~_umask()) as f:
+        with atomic_write(self.log, mode=new_file_mode()) as f:
             f.write("".join(line + "\n" for line in kept).encode())
 
     def append_log(self, record: dict) -> None:
@@ -316,11 +316,11 @@ def _model(cfg: TrainConfig):
 
 
 def _load_init(net, path: str) -> None:
-    from rnan_fast.model import _SHAPE_KEYS, infer_config, read_checkpoint
+    from rnan_fast.model import SHAPE_KEYS, infer_config, read_checkpoint
 
     state_dict, source = read_checkpoint(path, "cpu", True)
     found = infer_config(state_dict, source)
-    want = {k: net.config[k] for k in _SHAPE_KEYS}
+    want = {k: net.config[k] for k in SHAPE_KEYS}
     diff = {k: (found[k], v) for k, v in want.items() if found[k] != v}
     if diff:
         detail = ", ".join(f"{k} {a} (run: {b})" for k, (a, b) in diff.items())

@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from rnan_fast.data import _umask, atomic_write
+from rnan_fast.data import atomic_write, new_file_mode
 
-__all__ = ["DEFAULT_MODEL", "ENV_FOLDER", "WeightsError", "folder", "available", "card", "verify", "load", "export",
+__all__ = ["DEFAULT_MODEL", "ENV_FOLDER", "WeightsError", "folder", "available", "card", "verify", "load", "load_with_card", "export",
            "check_sigma", "sha256_of"]
 
 DEFAULT_MODEL = "rnan_dn_rgb"
@@ -124,6 +124,11 @@ def load(name: str | None = None, device: torch.device | str = "cpu"):
 
     The weights load strictly through RNAN.from_checkpoint; the configuration they build must
     be the card's "architecture", else WeightsError."""
+    return load_with_card(name, device)[0]
+
+
+def load_with_card(name: str | None = None, device: torch.device | str = "cpu"):
+    """(load(name, device), card(name)), from one read of the card."""
     from rnan_fast.model import RNAN
 
     name = DEFAULT_MODEL if name is None else name
@@ -134,7 +139,7 @@ def load(name: str | None = None, device: torch.device | str = "cpu"):
     differ = [f"{k}: card {arch[k]!r}, weights {net.config[k]!r}" for k in ARCHITECTURE if arch[k] != net.config[k]]
     if differ:
         raise WeightsError(f"{path}: the weights do not build the card's architecture ({'; '.join(differ)})")
-    return net.to(device).eval()
+    return net.to(device).eval(), c
 
 
 def check_sigma(c: dict) -> float:
@@ -167,7 +172,7 @@ def export(checkpoint: Any, name: str, target: str | os.PathLike | None = None,
     pt, js = root / f"{name}.pt", root / f"{name}.json"
     state = {k: v.detach().to(dtype) if v.is_floating_point() else v.detach()
              for k, v in net.state_dict().items()}
-    file_mode = 0o666 & ~_umask()  # an ordinary new file's permissions, not mkstemp's 0600
+    file_mode = new_file_mode()
     with atomic_write(pt, mode=file_mode) as f:
         torch.save(state, f)
     c = {**fields, "architecture": {k: net.config[k] for k in ARCHITECTURE},
