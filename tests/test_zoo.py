@@ -14,6 +14,7 @@ from PIL import Image
 
 from rnan_fast import RNAN, cli, weights
 from rnan_fast import data as D
+from rnan_fast.cli.models import note_sigma
 from rnan_fast.inference import restore_image
 from rnan_fast.metrics import psnr
 
@@ -204,6 +205,17 @@ def test_check_sigma():
     assert weights.check_sigma({"noise": {"sigma_range": [40, 60]}}) == 40
 
 
+def test_note_sigma(capsys):
+    fixed = {"name": "m", "task": "denoise_rgb", "noise": {"type": "gaussian", "sigma": 30}}
+    for sigma, noted in ((30, False), (25, True), (50, True)):
+        note_sigma(fixed, sigma, quiet=True)
+        err = capsys.readouterr().err
+        assert ("model m was trained for gaussian sigma 30, not sigma" in err) == noted, (sigma, err)
+    note_sigma({"name": "c", "task": "car", "noise": {"type": "jpeg"}}, 10, quiet=True)  # not a denoiser
+    note_sigma(None, 10, quiet=True)  # a --weights file: no card
+    assert capsys.readouterr().err == ""
+
+
 # --------------------------------------------------------------------------- command line
 
 def _run(argv, capsys):
@@ -283,6 +295,7 @@ def test_eval_with_a_shipped_model(use_zoo, data_dir, tmp_path, capsys):
                            "--data", folder, "--quiet", "--csv", tmp_path / "r.csv"], capsys)
     assert code == 0, err
     assert "RNAN(n_colors=3, scale=1, n_feats=8, n_resgroups=2)" in out
+    assert "trained for" not in err  # sigma 30 is inside the card's 5-55
     net = RNAN.pretrained()
     gt = check_crop(data_dir, 3)[:32, :40]
     want = psnr(gt, restore_image(net, D.add_gaussian_noise(gt, 30, D.noise_seed(0, 0))))
@@ -297,6 +310,8 @@ def test_eval_with_a_shipped_model(use_zoo, data_dir, tmp_path, capsys):
     code, out2, err = _run(["eval", "--model", "tiny_gray", "--task", "denoise_gray", "--sigma", 30, "--data", folder,
                             "--quiet"], capsys)
     assert code == 0 and out2.splitlines()[:-1] == out.splitlines()[:-1], err  # (the last line: the time)
+    code, _, err = _run(["eval", "--model", "tiny_gray", "--sigma", 60, "--data", folder, "--quiet"], capsys)
+    assert code == 0 and "model tiny_gray was trained for gaussian sigma 5-55, not sigma 60" in err, err
     for argv, needle in ((["--weights", tmp_path / "w.pt"], "--task is required"),
                          (["--baseline"], "--task is required"), (["--model", "nope"], "no model named 'nope'")):
         code, out, err = _run(["eval", "--sigma", 30, "--data", folder] + argv, capsys)

@@ -10,7 +10,7 @@ import numpy as np
 from rnan_fast import data as D
 from rnan_fast.cli.common import (EXIT_OK, PROG, UserError, _add_runtime_args, _check_backend, _check_runtime_args,
                                   _device)
-from rnan_fast.cli.models import add_model_args, load_net
+from rnan_fast.cli.models import add_model_args, load_net, note_sigma
 from rnan_fast.cli.tiling import ImageRunner
 
 # Photos that scikit-image bundles in its wheel (no download): name -> licence, default crop
@@ -80,7 +80,8 @@ def cmd_demo(args) -> int:
     photo = _sample(args.image)
     clean = _crop(photo, args.image, args.crop)
     _check_backend(args.backend, device, args.precision)
-    net, _ = load_net(args, device)
+    net, card = load_net(args, device)
+    note_sigma(card, args.sigma)
     if model_colors(net) == 1:
         clean = D.to_gray(clean)
     noisy = D.add_gaussian_noise(clean, args.sigma, args.seed)

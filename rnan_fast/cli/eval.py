@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from rnan_fast import data as D
-from rnan_fast.cli.models import add_model_args, load_net, model_task
+from rnan_fast.cli.models import add_model_args, load_net, model_task, note_sigma
 from rnan_fast.cli.tiling import ImageRunner
 from rnan_fast.cli.common import (EXIT_FAILURES, EXIT_OK, PROG, UserError, _add_runtime_args, _check_backend,
                                   _check_runtime_args, _distributed, _err, _first_line, _progress, _report)
@@ -153,8 +153,10 @@ def cmd_eval(args) -> int:
         device = d.device
         _task_params(args, None, model_pending=True)  # option errors before the (slow) model load
         _check_backend(args.backend, device, args.precision)
-        net, _ = load_net(args, device, default_model=False)
+        net, card = load_net(args, device, default_model=False)
     p = _task_params(args, net)
+    if net is not None and "sigma" in p:
+        note_sigma(card, p["sigma"], args.quiet)
     runner = None if net is None else ImageRunner(args, net, device, DTYPES[args.precision])
     bm3d_beside = args.baseline == "bm3d" and net is not None
     if net is not None:

@@ -28,6 +28,19 @@ def describe_noise(card: dict) -> str:
     return f"{kind} sigma {lo:g}-{hi:g}"
 
 
+def note_sigma(card: dict | None, sigma: float, quiet: bool = False) -> None:
+    """A note on stderr when shipped model `card` runs at a noise level it was not trained for:
+    another sigma than a fixed-sigma model's, or one outside a blind model's range (its PSNR there
+    is not what its card measured)."""
+    if card is None or not card["task"].startswith("denoise"):
+        return
+    noise = card["noise"]
+    lo, hi = (noise["sigma"], noise["sigma"]) if "sigma" in noise else noise["sigma_range"]
+    if not lo <= sigma <= hi:
+        _report(f"{PROG}: note: model {card['name']} was trained for {describe_noise(card)}, not sigma {sigma:g}; "
+                f"`{PROG} models` lists the shipped models", quiet)
+
+
 def load_net(args, device, default_model: bool = True):
     """The model the command asked for, in eval mode on `device` and --precision:
     --weights (a checkpoint file), --model NAME, else (default_model) the default color
