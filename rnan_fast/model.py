@@ -395,6 +395,32 @@ def infer_config(state_dict: Mapping[str, Tensor], source: str = "state dict") -
             "rgb_range": rgb_range}
 
 
+def adapt_colors(state_dict: Mapping[str, Tensor], n_colors: int, source: str = "state dict") -> dict:
+    """The weights of a denoising-form (scale 1) RNAN for `n_colors` channels from one for the other
+    of 1 (gray) and 3 (RGB); only head.0 and tail.0 change, every other tensor is shared.
+
+    3 -> 1: head summed over R, G, B and tail averaged, so that the gray net on x equals the color
+    net on x replicated to 3 channels, averaged over them. 1 -> 3: head / 3 per channel and the tail
+    repeated, so that the color net adds to every channel the correction that the gray net makes
+    to the channel mean (on gray replicated to 3 channels: the gray net's output in each). A start
+    for training (`--init`): a gray denoiser from a color one."""
+    found = infer_config(state_dict, source)
+    if found["scale"] != 1:
+        raise CheckpointError(f"{source}: only a denoising-form (scale 1) RNAN changes its colors, "
+                              f"this one has scale {found['scale']}")
+    if {found["n_colors"], n_colors} != {1, 3}:
+        raise CheckpointError(f"{source}: colors change between 1 and 3 only, not {found['n_colors']} -> {n_colors}")
+    out = dict(state_dict)
+    head, weight, bias = (state_dict[k] for k in ("head.0.weight", "tail.0.weight", "tail.0.bias"))
+    if n_colors == 1:
+        out["head.0.weight"] = head.sum(1, keepdim=True)
+        out["tail.0.weight"], out["tail.0.bias"] = weight.mean(0, keepdim=True), bias.mean(0, keepdim=True)
+    else:
+        out["head.0.weight"] = head.repeat(1, 3, 1, 1) / 3
+        out["tail.0.weight"], out["tail.0.bias"] = weight.repeat(3, 1, 1, 1), bias.repeat(3)
+    return out
+
+
 def _compare(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], limit: int = 20):
     """(report, missing, unexpected, misshaped); the report is "" when the state dicts fit."""
     missing = [k for k in expected if k not in given]

@@ -8,7 +8,7 @@ import torch
 
 import rnan_fast
 from rnan_fast import RNAN
-from rnan_fast.model import CheckpointError, infer_config
+from rnan_fast.model import CheckpointError, adapt_colors, infer_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -264,3 +264,29 @@ def test_pickled_objects_need_weights_only_false(tmp_path):
     with pytest.raises(CheckpointError, match="with_args.pt.*weights_only=False"):
         RNAN.from_checkpoint(path)
     _assert_loaded(RNAN.from_checkpoint(path, weights_only=False), sd)
+
+
+def test_adapt_colors_gray_from_color_and_back():
+    """A gray net adapted from a color one is the color net on the gray image replicated to 3
+    channels, averaged over them; a color net adapted from a gray one adds the gray net's
+    correction of the channel mean to every channel (float64, random weights, odd sizes)."""
+    color = _tiny(n_colors=3, n_feats=6).double()
+    color.load_state_dict({k: v.double() * 0.3 for k, v in _random_state_dict(color, 4).items()})
+    gray = _tiny(n_colors=1, n_feats=6).double()
+    gray.load_state_dict(adapt_colors(color.state_dict(), 1))  # strict: every key, every shape
+    x = torch.rand(2, 1, 13, 11, dtype=torch.float64)
+    with torch.no_grad():
+        want = color(x.expand(-1, 3, -1, -1)).mean(1, keepdim=True)
+        assert float((gray(x) - x).abs().max()) > 0.1  # the net changes its input: the test can fail
+        torch.testing.assert_close(gray(x), want, rtol=1e-10, atol=1e-10)
+        back = _tiny(n_colors=3, n_feats=6).double()
+        back.load_state_dict(adapt_colors(gray.state_dict(), 3))
+        y = torch.rand(2, 3, 9, 14, dtype=torch.float64)
+        m = y.mean(1, keepdim=True)
+        torch.testing.assert_close(back(y), y + (gray(m) - m), rtol=1e-10, atol=1e-10)
+    sd = color.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in adapt_colors(sd, 1).items() if not k.startswith(("head", "tail")))
+    with pytest.raises(CheckpointError, match="not 3 -> 3"):
+        adapt_colors(sd, 3)
+    with pytest.raises(CheckpointError, match="scale 2"):
+        adapt_colors(_tiny(n_colors=3, scale=2).state_dict(), 1)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from rnan_fast import RNAN, cli
 from rnan_fast import data as D
+from rnan_fast.model import adapt_colors
 from rnan_fast.train import TrainConfig, loop, run
 from rnan_fast.train import datasets as DS
 from rnan_fast.train.checkpoint import read_training_checkpoint
@@ -332,6 +333,14 @@ def test_init_from_official_weights(train_dir, tmp_path):
     assert max(float((trained[k] - v).abs().max()) for k, v in official.items()) < 1e-9  # lr ~ 0: the init
     with pytest.raises(loop.ConfigError, match=r"--init .*n_feats 8 \(run: 16\)"):
         run(cfg(train_dir, tmp_path / "run16", steps=1, n_feats=16, init=str(tmp_path / "official.pt")), quiet=True)
+    # a gray denoiser from the color weights: head and tail adapted (model.adapt_colors), with a note
+    notes = []
+    run(cfg(train_dir, tmp_path / "gray", task="denoise_gray", steps=1, lr=1e-12, init=str(tmp_path / "official.pt")),
+        quiet=True, message=notes.append)
+    trained = read_training_checkpoint(tmp_path / "gray" / "last.pt")["model"]
+    want = adapt_colors(official, 1)
+    assert max(float((trained[k] - v).abs().max()) for k, v in want.items()) < 1e-9
+    assert any("3-channel weights adapted to 1 channel" in n for n in notes), notes
 
 
 def test_loop_with_data_workers_equals_without(train_dir, tmp_path):

@@ -315,11 +315,18 @@ def _model(cfg: TrainConfig):
     return RNAN(n_colors=cfg.n_colors, scale=cfg.model_scale, n_feats=cfg.n_feats, n_resgroups=cfg.n_resgroups)
 
 
-def _load_init(net, path: str) -> None:
-    from rnan_fast.model import SHAPE_KEYS, infer_config, read_checkpoint
+def _load_init(net, path: str, note) -> None:
+    from rnan_fast.model import SHAPE_KEYS, adapt_colors, infer_config, read_checkpoint
 
     state_dict, source = read_checkpoint(path, "cpu", True)
     found = infer_config(state_dict, source)
+    colors = (found["n_colors"], net.config["n_colors"])
+    if colors in ((3, 1), (1, 3)) and found["scale"] == net.config["scale"] == 1:
+        state_dict = adapt_colors(state_dict, colors[1], source)
+        found["n_colors"] = colors[1]
+        how = "head summed over R, G, B, tail averaged" if colors[1] == 1 else "head split over R, G, B, tail repeated"
+        note(f"--init {path}: {colors[0]}-channel weights adapted to {colors[1]} channel{'s' * (colors[1] > 1)} "
+             f"({how})")
     want = {k: net.config[k] for k in SHAPE_KEYS}
     diff = {k: (found[k], v) for k, v in want.items() if found[k] != v}
     if diff:
@@ -442,7 +449,7 @@ def _run(cfg, d, resume, quiet, message, state) -> dict:
     if state is not None:
         net.load_state_dict(state["model"])
     elif cfg.init:
-        _load_init(net, cfg.init)
+        _load_init(net, cfg.init, note)
     # channels_last on the CPU too: oneDNN's NHWC convolutions made a CPU step of RNAN (n_feats 32,
     # 4 groups, batch 16, 48x48) 1.8x faster in fp32 (16.8 -> 9.5 s) and 1.7x in bf16 (11.4 -> 6.7 s),
     # measured in one run on a loaded 2-core machine. Set here, before DDP: its gradient buckets
