@@ -32,10 +32,11 @@ def note_sigma(card: dict | None, sigma: float, quiet: bool = False) -> None:
     """A note on stderr when shipped model `card` runs at a noise level it was not trained for:
     another sigma than a fixed-sigma model's, or one outside a blind model's range (its PSNR there
     is not what its card measured)."""
+    from rnan_fast.weights import sigma_range
+
     if card is None or not card["task"].startswith("denoise"):
         return
-    noise = card["noise"]
-    lo, hi = (noise["sigma"], noise["sigma"]) if "sigma" in noise else noise["sigma_range"]
+    lo, hi = sigma_range(card)
     if not lo <= sigma <= hi:
         _report(f"{PROG}: note: model {card['name']} was trained for {describe_noise(card)}, not sigma {sigma:g}; "
                 f"`{PROG} models` lists the shipped models", quiet)

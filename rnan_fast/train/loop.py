@@ -316,17 +316,20 @@ def _model(cfg: TrainConfig):
 
 
 def _load_init(net, path: str, note) -> None:
-    from rnan_fast.model import SHAPE_KEYS, adapt_colors, infer_config, read_checkpoint
+    from rnan_fast.model import SHAPE_KEYS, CheckpointError, adapt_colors, infer_config, read_checkpoint
 
     state_dict, source = read_checkpoint(path, "cpu", True)
     found = infer_config(state_dict, source)
     colors = (found["n_colors"], net.config["n_colors"])
-    if colors in ((3, 1), (1, 3)) and found["scale"] == net.config["scale"] == 1:
-        state_dict = adapt_colors(state_dict, colors[1], source)
-        found["n_colors"] = colors[1]
-        how = "head summed over R, G, B, tail averaged" if colors[1] == 1 else "head split over R, G, B, tail repeated"
-        note(f"--init {path}: {colors[0]}-channel weights adapted to {colors[1]} channel{'s' * (colors[1] > 1)} "
-             f"({how})")
+    if colors[0] != colors[1]:
+        try:
+            state_dict = adapt_colors(state_dict, colors[1], source)
+        except CheckpointError:
+            pass  # not a 1 <-> 3 denoiser: the check below names the mismatch
+        else:
+            found["n_colors"] = colors[1]
+            note(f"--init {path}: {colors[0]}-channel weights adapted to {colors[1]} channel"
+                 f"{'s' * (colors[1] > 1)} (head and tail, model.adapt_colors)")
     want = {k: net.config[k] for k in SHAPE_KEYS}
     diff = {k: (found[k], v) for k, v in want.items() if found[k] != v}
     if diff:

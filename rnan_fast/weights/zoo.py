@@ -5,6 +5,7 @@
     verify(name)           the weights file, after its size and SHA-256 were checked against the card
     load(name, device)     RNAN in eval mode (also rnan_fast.RNAN.pretrained(name))
     export(ckpt, name, ...) writes NAME.pt (a plain state dict) and NAME.json from a checkpoint
+    sigma_range(card), check_sigma(card)  the noise levels a model is for, the one CI checks it at
     DEFAULT_MODEL          the color denoiser that `rnan-fast restore` and `rnan-fast demo` use
 
 The folder is this package's own (installed as package data), or $RNAN_FAST_WEIGHTS_DIR when set
@@ -33,7 +34,7 @@ import torch
 from rnan_fast.data import atomic_write, new_file_mode
 
 __all__ = ["DEFAULT_MODEL", "ENV_FOLDER", "WeightsError", "folder", "available", "card", "verify", "load", "load_with_card", "export",
-           "check_sigma", "sha256_of"]
+           "check_sigma", "sigma_range", "sha256_of"]
 
 DEFAULT_MODEL = "rnan_dn_rgb"
 ENV_FOLDER = "RNAN_FAST_WEIGHTS_DIR"
@@ -142,13 +143,17 @@ def load_with_card(name: str | None = None, device: torch.device | str = "cpu"):
     return net.to(device).eval(), c
 
 
+def sigma_range(c: dict) -> tuple[float, float]:
+    """(lo, hi) of the noise levels a card's model was trained for ((s, s) for a fixed sigma s)."""
+    noise = c["noise"]
+    lo, hi = (noise["sigma"], noise["sigma"]) if "sigma" in noise else noise["sigma_range"]
+    return float(lo), float(hi)
+
+
 def check_sigma(c: dict) -> float:
     """The noise level a model is checked at: its fixed sigma, or 30 clamped into its range."""
-    noise = c["noise"]
-    if "sigma" in noise:
-        return float(noise["sigma"])
-    lo, hi = noise["sigma_range"]
-    return float(min(max(30.0, lo), hi))
+    lo, hi = sigma_range(c)
+    return min(max(30.0, lo), hi)
 
 
 def export(checkpoint: Any, name: str, target: str | os.PathLike | None = None,
