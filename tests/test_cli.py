@@ -91,7 +91,7 @@ print(torch.get_num_threads(), int((y != 0).sum()))
 @pytest.mark.parametrize("first", ["nothing", "command"])
 def test_commands_flush_subnormals_in_torch_worker_threads(first):
     """A command flushes subnormals before torch starts its threads, so the threads inherit it
-    (sigma-10 eval 2.9x faster); a fresh process without a command keeps them (the probe sees them)."""
+    (sigma-10 eval 2.7x faster); a fresh process without a command keeps them (the probe sees them)."""
     env = dict(os.environ, OMP_NUM_THREADS="2",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", _SUBNORMAL_PROBE, first], capture_output=True, text=True,

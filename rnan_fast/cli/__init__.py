@@ -40,7 +40,7 @@ Under `torchrun --nproc_per_node=K -m rnan_fast restore|eval ...` each process t
 image (--device cuda: the GPU of its LOCAL_RANK); eval's table and means are gathered on rank 0,
 which alone prints them and writes --csv. `train` under torchrun: see its help.
 
-Every command runs with subnormal floats flushed to zero (flush_subnormals): 2.9x faster on
+Every command runs with subnormal floats flushed to zero (flush_subnormals): 2.7x faster on
 low-noise inputs, the same PSNR.
 
 Layout: one module per subcommand (restore, eval, train, demo, models, bench), each with
@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 def flush_subnormals() -> None:
     """Treat subnormal floats as zero (x86 FTZ/DAZ) in this thread and in the threads torch starts
     after it, which inherit the floating-point state. Low-noise inputs send the network's
-    activations through subnormals, which the CPU handles ~100x slower: without this a sigma-10
-    eval runs 2.9x slower (61.6 vs 21.4 s, BENCHMARKS.md); outputs change only in values under
+    activations through subnormals, which x86 CPUs handle in slow microcode: without this a sigma-10
+    eval runs 2.7x slower (68.1 vs 25.6 s, BENCHMARKS.md); outputs change only in values under
     1.2e-38. Called before a command's first torch op, since threads that exist already keep
     their state; in-process callers of main() keep the setting."""
     import torch
