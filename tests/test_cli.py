@@ -76,6 +76,11 @@ def _run(argv, capsys=None):
     return code, out, err
 
 
+def _subprocess_env(**extra):
+    """os.environ with this checkout first on PYTHONPATH (and `extra` set), for `python -m rnan_fast`."""
+    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+
+
 # --------------------------------------------------------------------------- subnormals
 
 _SUBNORMAL_PROBE = """
@@ -92,12 +97,10 @@ print(torch.get_num_threads(), int((y != 0).sum()))
 def test_commands_flush_subnormals_in_torch_worker_threads(first):
     """A command flushes subnormals before torch starts its threads, so the threads inherit it
     (sigma-10 eval 2.7x faster); a fresh process without a command keeps them (the probe sees them)."""
-    env = dict(os.environ, OMP_NUM_THREADS="2",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", _SUBNORMAL_PROBE, first], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=_subprocess_env(OMP_NUM_THREADS="2"), timeout=300)
     assert proc.returncode == 0, proc.stderr
-    threads, nonzero = map(int, proc.stdout.split("\n")[-2].split())
+    threads, nonzero = map(int, proc.stdout.splitlines()[-1].split())
     assert threads == 2  # half the product is computed by a worker thread, not the main one
     assert nonzero == (0 if first == "command" else 1 << 22)
 
@@ -106,7 +109,7 @@ def test_commands_flush_subnormals_in_torch_worker_threads(first):
 
 def test_restore_subprocess_end_to_end(ckpts, crops, tmp_path):
     outdir = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = _subprocess_env()
     proc = subprocess.run([sys.executable, "-m", "rnan_fast", "restore", "--weights", ckpts["sr2"],
                            "-o", outdir, crops["rgb"] / "set12_01.png"],
                           capture_output=True, text=True, env=env, timeout=300)

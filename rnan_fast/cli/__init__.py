@@ -78,8 +78,9 @@ def flush_subnormals() -> None:
     after it, which inherit the floating-point state. Low-noise inputs send the network's
     activations through subnormals, which x86 CPUs handle in slow microcode: without this a sigma-10
     eval runs 2.7x slower (68.1 vs 25.6 s, BENCHMARKS.md). Only values under 1.2e-38 (float32)
-    become zero; that eval's PSNR is the same to 4 decimals. Called before a command's first torch op, since threads that exist already keep
-    their state; in-process callers of main() keep the setting."""
+    become zero; that eval's PSNR is the same to 4 decimals. Called before a command's first torch
+    op, since threads that exist already keep their state; in-process callers of main() keep the
+    setting."""
     import torch
 
     torch.set_flush_denormal(True)  # False (no effect) where the CPU lacks the mode
