@@ -36,16 +36,21 @@
 // a fixed order; the tile grid depends on N only, never on the thread count. So results are
 // bit-identical from run to run and for any number of threads (the tests check 1 vs 2 threads).
 //
-// Arithmetic, all fp32. Two paths, one per process (`set_cpu_attention_isa`):
+// Arithmetic, all fp32. Three paths, one per process, the best the CPU has by default
+// (`set_cpu_attention_isa`):
 //   "avx512" (CPUs with AVX-512F/DQ): score tiles and the whole column forward are the
 //     register-blocked microkernels of the AVX-512 section below (1.4x SDPA's one-pass row
 //     forward at N = 16384, d = 32, against 2.0x on the portable path; BENCHMARKS.md); the
 //     backward's dP and product tiles stay on sgemm, its elementwise loops as below;
+//   "avx2" (CPUs with AVX2 and FMA, e.g. AMD Zen): every score, dP and product tile through the
+//     register-blocked gemm of the AVX2 section below (10-19% faster than MKL's sgemm there), the
+//     elementwise loops as below;
 //   "portable" (any x86-64): score, dP and product tiles through MKL's sgemm (blocked and
 //     vectorised; called from inside the parallel loop, where MKL runs single-threaded; ATen's
 //     mm where PyTorch was built without MKL), the elementwise work on a tile (exp2, max, sums,
 //     dS) through plain C++ loops compiled for three x86-64 levels (target_clones), with a
-//     polynomial exp2 (relative error ~3e-9 plus rounding) so that they vectorise.
+//     polynomial exp2 (relative error ~3e-9 plus rounding) so that they vectorise (GCC 12 needs
+//     -fno-trapping-math for that; setup.py).
 // bf16 inputs are widened to fp32 once (O(N d)) and the results rounded back: their products are
 // exact in fp32 either way, and MKL's bf16 gemm
 // (cblas_gemm_bf16bf16f32) measured 1.5-3x slower than sgemm at these tile shapes (d = 16: fwd
@@ -498,15 +503,124 @@ RNAN_AVX512 void col_output_avx512(const float* q_all, const float* kt, const fl
 #endif
 #endif
 
-bool detect_avx512() {
-#if RNAN_HAVE_AVX512
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-#else
-  return false;
-#endif
+// ---- AVX2 small gemm ---------------------------------------------------------------------------
+// On x86-64 CPUs with AVX2 and FMA but without AVX-512 (AMD Zen 2-4, older Intel) every product
+// of the kernel is this register-blocked gemm instead of MKL's sgemm: at the tile shapes here
+// (m 64-256, n 16-256, k 16-256) MKL measured 7 GFLOPS per thread for the score tiles (64 x 256,
+// k = 16) and 13-23 for the others on an AMD EPYC, where this kernel's block of 6 rows x 16
+// columns of C in 12 ymm registers runs near the two FMA units' peak. B is always read by rows
+// (op(B) = B): the score and dP tiles take phi^T and g^T packed per key block (the AVX-512 path's
+// layout), so no operand is packed per call. Each C element is one chain of FMAs over k = 0..K-1,
+// added to beta C at the end: S_ij gets the same bits in every pass (the file comment).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define RNAN_HAVE_AVX2 1
+#define RNAN_AVX2 __attribute__((target("avx2,fma")))
+#define RNAN_AVX2_INLINE inline __attribute__((target("avx2,fma"), always_inline))
+
+constexpr int kGemmRows = 6;      // rows of C per register block (x 2 ymm = 12 accumulators)
+constexpr int64_t kGemmCols = 16;  // columns of C per register block
+
+// All-ones in the first n of 8 lanes (the mask of vmaskmovps).
+RNAN_AVX2_INLINE __m256i lane_mask8(int64_t n) {
+  const int k = int(std::clamp<int64_t>(n, 0, 8));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
-// Whether the AVX-512 path runs (a process-wide setting read once per op call).
-std::atomic<bool> g_use_avx512{detect_avx512()};
+
+// C[i0:i0+rv, 0:8V] (rv <= 6) = beta C + op(A) B for one register block: A element (i, p) at
+// a[i lda + p] (kTA false) or a[p lda + i] (kTA true); B rows of stride ldb; kMask: the last of the V
+// vectors holds only the lanes in mask (columns past n: not loaded, not stored). Rows past rv
+// repeat the last valid row (computed, never stored).
+template <bool kTA, int V, bool kMask>
+RNAN_AVX2_INLINE void gemm_block(const float* a, int64_t lda, int64_t i0, int64_t rv, const float* b, int64_t ldb,
+                                 int64_t k, __m256i mask, float beta, float* c, int64_t ldc) {
+  const float* ar[kGemmRows];
+  RNAN_UNROLL
+  for (int r = 0; r < kGemmRows; ++r) {
+    const int64_t i = i0 + std::min<int64_t>(r, rv - 1);
+    ar[r] = kTA ? a + i : a + i * lda;
+  }
+  __m256 x[kGemmRows][V];
+  RNAN_UNROLL
+  for (int r = 0; r < kGemmRows; ++r)
+    RNAN_UNROLL
+    for (int v = 0; v < V; ++v) x[r][v] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < k; ++p) {
+    __m256 bv[V];
+    RNAN_UNROLL
+    for (int v = 0; v < V; ++v)
+      bv[v] = kMask && v == V - 1 ? _mm256_maskload_ps(b + p * ldb + 8 * v, mask) : _mm256_loadu_ps(b + p * ldb + 8 * v);
+    RNAN_UNROLL
+    for (int r = 0; r < kGemmRows; ++r) {
+      const __m256 w = _mm256_broadcast_ss(kTA ? ar[r] + p * lda : ar[r] + p);
+      RNAN_UNROLL
+      for (int v = 0; v < V; ++v) x[r][v] = _mm256_fmadd_ps(w, bv[v], x[r][v]);
+    }
+  }
+  RNAN_UNROLL
+  for (int r = 0; r < kGemmRows; ++r) {
+    if (r >= rv) break;
+    float* cr = c + (i0 + r) * ldc;
+    RNAN_UNROLL
+    for (int v = 0; v < V; ++v) {
+      const bool masked = kMask && v == V - 1;
+      __m256 y = x[r][v];
+      if (beta != 0.0f) {
+        const __m256 old = masked ? _mm256_maskload_ps(cr + 8 * v, mask) : _mm256_loadu_ps(cr + 8 * v);
+        y = _mm256_fmadd_ps(_mm256_set1_ps(beta), old, y);
+      }
+      masked ? _mm256_maskstore_ps(cr + 8 * v, mask, y) : _mm256_storeu_ps(cr + 8 * v, y);
+    }
+  }
+}
+
+// Row-major C (m x n, ldc) = beta C + op(A) B, op(A) m x k (A or A^T of a row-major A, lda), B
+// k x n (ldb): mm's contract with op(B) = B. Column panels outer, so that the k x 16 panel of B
+// stays in L1 while the row blocks pass over it.
+template <bool kTA>
+RNAN_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                         float beta, float* c, int64_t ldc) {
+  for (int64_t j0 = 0; j0 < n; j0 += kGemmCols) {
+    const int64_t nv = n - j0;
+    const __m256i mask = lane_mask8(nv > 8 ? nv - 8 : nv);
+    for (int64_t i0 = 0; i0 < m; i0 += kGemmRows) {
+      const int64_t rv = std::min<int64_t>(kGemmRows, m - i0);
+      if (nv >= 16) gemm_block<kTA, 2, false>(a, lda, i0, rv, b + j0, ldb, k, mask, beta, c + j0, ldc);
+      else if (nv > 8) gemm_block<kTA, 2, true>(a, lda, i0, rv, b + j0, ldb, k, mask, beta, c + j0, ldc);
+      else if (nv == 8) gemm_block<kTA, 1, false>(a, lda, i0, rv, b + j0, ldb, k, mask, beta, c + j0, ldc);
+      else gemm_block<kTA, 1, true>(a, lda, i0, rv, b + j0, ldb, k, mask, beta, c + j0, ldc);
+    }
+  }
+}
+#endif
+
+// The inner-loop paths, best first; one runs per process (`set_cpu_attention_isa`), read once per
+// op call.
+enum class Isa : int { kPortable, kAvx2, kAvx512 };
+
+bool isa_supported(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+#if RNAN_HAVE_AVX512
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+#else
+      return false;
+#endif
+    case Isa::kAvx2:
+#if RNAN_HAVE_AVX2
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+      return false;
+#endif
+    default:
+      return true;
+  }
+}
+Isa best_isa() {
+  for (Isa isa : {Isa::kAvx512, Isa::kAvx2})
+    if (isa_supported(isa)) return isa;
+  return Isa::kPortable;
+}
+std::atomic<Isa> g_isa{best_isa()};
 
 // Per-thread tile buffers, allocated once per parallel chunk.
 struct Scratch {
@@ -523,7 +637,10 @@ void store_rows(const float* acc, int64_t rows, int64_t cols, float* dst) { std:
 struct Attention {
   const float *q, *k, *v;  // theta, phi, g
   int64_t B, N, d, dv;
-  const float* kt;  // packed phi^T (B, k_blocks, d, kBlockK) on the AVX-512 path, else nullptr (MKL path)
+  Isa isa;
+  // Packed phi^T and g^T (B, k_blocks, d or dv, kBlockK): kt on the AVX-512 and AVX2 paths, gt on
+  // the AVX2 path's backward; else nullptr.
+  const float *kt, *gt;
 
   int64_t q_blocks() const { return (N + kBlockQ - 1) / kBlockQ; }
   int64_t k_blocks() const { return key_blocks(N); }
@@ -535,15 +652,33 @@ struct Attention {
   // calls exactly this, so S_ij has the same bits in all of them (see the file comment).
   void scores(int64_t b, int64_t i0, int64_t mi, int64_t j0, int64_t nj, float* s) const {
 #if RNAN_HAVE_AVX512
-    if (kt != nullptr) return scores_tile_avx512(q_rows(b, i0), d, kt_keys(b, j0), mi, nj, s);
+    if (isa == Isa::kAvx512) return scores_tile_avx512(q_rows(b, i0), d, kt_keys(b, j0), mi, nj, s);
+#endif
+#if RNAN_HAVE_AVX2
+    if (isa == Isa::kAvx2) return gemm_avx2<false>(mi, nj, d, q_rows(b, i0), d, kt_keys(b, j0), kBlockK, 0.0f, s, kBlockK);
 #endif
     mm(false, true, mi, nj, d, q_rows(b, i0), d, k_rows(b, j0), d, 0.0f, s, kBlockK);
   }
-  // Packed phi^T of batch b at key j0.
+  // Packed phi^T (g^T) of batch b at key j0.
   const float* kt_keys(int64_t b, int64_t j0) const { return packed_key(kt + b * k_blocks() * d * kBlockK, d, j0); }
+  const float* gt_keys(int64_t b, int64_t j0) const { return packed_key(gt + b * k_blocks() * dv * kBlockK, dv, j0); }
   // dP tile = dY[i0:i0+mi] g[j0:j0+nj]^T.
   void dscores(const float* dy, int64_t b, int64_t i0, int64_t mi, int64_t j0, int64_t nj, float* dp) const {
+#if RNAN_HAVE_AVX2
+    if (isa == Isa::kAvx2)
+      return gemm_avx2<false>(mi, nj, dv, dy + (b * N + i0) * dv, dv, gt_keys(b, j0), kBlockK, 0.0f, dp, kBlockK);
+#endif
     mm(false, true, mi, nj, dv, dy + (b * N + i0) * dv, dv, v_rows(b, j0), dv, 0.0f, dp, kBlockK);
+  }
+  // Row-major C (m x n, ldc) = beta C + op(A) B, op(A) = A or A^T (ta): the tile products.
+  void product(bool ta, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+               float beta, float* c, int64_t ldc) const {
+#if RNAN_HAVE_AVX2
+    if (isa == Isa::kAvx2)
+      return ta ? gemm_avx2<true>(m, n, k, a, lda, b, ldb, beta, c, ldc)
+                : gemm_avx2<false>(m, n, k, a, lda, b, ldb, beta, c, ldc);
+#endif
+    mm(ta, false, m, n, k, a, lda, b, ldb, beta, c, ldc);
   }
 };
 
@@ -551,7 +686,7 @@ struct Attention {
 void forward_col(const Attention& a, float* out, float* stat_m, float* stat_r) {
   const int64_t N = a.N, nk = a.k_blocks(), nq = a.q_blocks();
 #if RNAN_HAVE_AVX512
-  if (a.kt != nullptr) {
+  if (a.isa == Isa::kAvx512) {
     at::parallel_for(0, a.B * nk, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t b = t / nk, j0 = (t % nk) * kBlockK;
@@ -598,7 +733,7 @@ void forward_col(const Attention& a, float* out, float* stat_m, float* stat_r) {
         const int64_t nj = std::min(kBlockK, N - j0);
         a.scores(b, i0, mi, j0, nj, w.s.data());
         col_weights(w.s.data(), mi, nj, kBlockK, stat_m + b * N + j0, stat_r + b * N + j0);
-        mm(false, false, mi, a.dv, nj, w.s.data(), kBlockK,
+        a.product(false, mi, a.dv, nj, w.s.data(), kBlockK,
               a.v_rows(b, j0), a.dv, j0 == 0 ? 0.0f : 1.0f, w.acc.data(), a.dv);
       }
       store_rows(w.acc.data(), mi, a.dv, out + (b * N + i0) * a.dv);
@@ -620,7 +755,7 @@ void forward_row(const Attention& a, float* out, float* stat_m, float* stat_r) {
         const int64_t nj = std::min(kBlockK, N - j0);
         a.scores(b, i0, mi, j0, nj, w.s.data());
         row_online(w.s.data(), mi, nj, kBlockK, m, l, acc, dv);
-        mm(false, false, mi, dv, nj, w.s.data(), kBlockK,
+        a.product(false, mi, dv, nj, w.s.data(), kBlockK,
               a.v_rows(b, j0), dv, 1.0f, acc, dv);
       }
       for (int64_t i = 0; i < mi; ++i) {
@@ -653,7 +788,7 @@ void backward_col(const Attention& a, const float* dy, const float* stat_m, cons
         const int64_t mi = std::min(kBlockQ, N - i0);
         a.scores(b, i0, mi, j0, nj, w.s.data());
         col_weights(w.s.data(), mi, nj, kBlockK, m, r);
-        mm(true, false, nj, dv, mi, w.s.data(), kBlockK,
+        a.product(true, nj, dv, mi, w.s.data(), kBlockK,
               dy + (b * N + i0) * dv, dv, i0 == 0 ? 0.0f : 1.0f, dg, dv);
       }
       const float* g = a.v_rows(b, j0);
@@ -669,9 +804,9 @@ void backward_col(const Attention& a, const float* dy, const float* stat_m, cons
         col_weights(w.s.data(), mi, nj, kBlockK, m, r);
         a.dscores(dy, b, i0, mi, j0, nj, w.dp.data());
         ds_col(w.s.data(), w.dp.data(), mi, nj, kBlockK, Dj);
-        mm(true, false, nj, d, mi, w.s.data(), kBlockK, a.q_rows(b, i0), d, i0 == 0 ? 0.0f : 1.0f, dphi, d);
+        a.product(true, nj, d, mi, w.s.data(), kBlockK, a.q_rows(b, i0), d, i0 == 0 ? 0.0f : 1.0f, dphi, d);
         if (partial != nullptr)
-          mm(false, false, mi, d, nj, w.s.data(), kBlockK, a.k_rows(b, j0), d, 0.0f,
+          a.product(false, mi, d, nj, w.s.data(), kBlockK, a.k_rows(b, j0), d, 0.0f,
              partial + (((t % nk) * a.B + b) * N + i0) * d, d);
       }
       store_rows(dphi, nj, d, dk + (b * N + j0) * d);
@@ -699,7 +834,7 @@ void backward_col(const Attention& a, const float* dy, const float* stat_m, cons
         col_weights(w.s.data(), mi, nj, kBlockK, stat_m + b * N + j0, stat_r + b * N + j0);
         a.dscores(dy, b, i0, mi, j0, nj, w.dp.data());
         ds_col(w.s.data(), w.dp.data(), mi, nj, kBlockK, D + b * N + j0);
-        mm(false, false, mi, d, nj, w.s.data(), kBlockK,
+        a.product(false, mi, d, nj, w.s.data(), kBlockK,
               a.k_rows(b, j0), d, j0 == 0 ? 0.0f : 1.0f, w.acc.data(), d);
       }
       store_rows(w.acc.data(), mi, d, dq + (b * N + i0) * d);
@@ -731,7 +866,7 @@ void backward_row(const Attention& a, const float* dy, const float* stat_m, cons
         row_weights(w.s.data(), mi, nj, kBlockK, m, r);
         a.dscores(dy, b, i0, mi, j0, nj, w.dp.data());
         ds_row(w.s.data(), w.dp.data(), mi, nj, kBlockK, Di);
-        mm(false, false, mi, d, nj, w.s.data(), kBlockK,
+        a.product(false, mi, d, nj, w.s.data(), kBlockK,
               a.k_rows(b, j0), d, j0 == 0 ? 0.0f : 1.0f, w.acc.data(), d);
       }
       store_rows(w.acc.data(), mi, d, dq + (b * N + i0) * d);
@@ -748,11 +883,11 @@ void backward_row(const Attention& a, const float* dy, const float* stat_m, cons
         const float beta = i0 == 0 ? 0.0f : 1.0f;
         a.scores(b, i0, mi, j0, nj, w.s.data());
         row_weights(w.s.data(), mi, nj, kBlockK, stat_m + b * N + i0, stat_r + b * N + i0);
-        mm(true, false, nj, dv, mi, w.s.data(), kBlockK,
+        a.product(true, nj, dv, mi, w.s.data(), kBlockK,
               dy + (b * N + i0) * dv, dv, beta, dg, dv);
         a.dscores(dy, b, i0, mi, j0, nj, w.dp.data());
         ds_row(w.s.data(), w.dp.data(), mi, nj, kBlockK, D + b * N + i0);
-        mm(true, false, nj, d, mi, w.s.data(), kBlockK,
+        a.product(true, nj, d, mi, w.s.data(), kBlockK,
               a.q_rows(b, i0), d, beta, dphi, d);
       }
       store_rows(dg, nj, dv, dv_out + (b * N + j0) * dv);
@@ -791,16 +926,19 @@ void check_inputs(const char* op, const at::Tensor& theta, const at::Tensor& phi
 // from a bf16 dot, and MKL's bf16 gemm measured slower than its sgemm at these tile shapes).
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
-// kt: packed phi^T (B, key blocks, d, kBlockK), zero past N, for the AVX-512 path; undefined for
-// the MKL path.
-Attention problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kt) {
-  return {q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(), q.size(0), q.size(1),
-          q.size(2), v.size(2), kt.defined() ? kt.const_data_ptr<float>() : nullptr};
+// (B, N, c) -> (B, key blocks, c, kBlockK), zero past N: the packed transpose of kt and gt.
+at::Tensor packed_transpose(const at::Tensor& t) {
+  const int64_t B = t.size(0), N = t.size(1), c = t.size(2), nk = key_blocks(N);
+  return at::constant_pad_nd(t, {0, 0, 0, nk * kBlockK - N}).view({B, nk, kBlockK, c}).transpose(2, 3).contiguous();
 }
-at::Tensor transposed_keys(const at::Tensor& k) {
-  if (!g_use_avx512.load()) return at::Tensor();
-  const int64_t B = k.size(0), N = k.size(1), d = k.size(2), nk = key_blocks(N);
-  return at::constant_pad_nd(k, {0, 0, 0, nk * kBlockK - N}).view({B, nk, kBlockK, d}).transpose(2, 3).contiguous();
+
+// The problem on path isa; kt (packed phi^T) is defined on the AVX-512 and AVX2 paths, gt (packed
+// g^T) on the AVX2 path's backward.
+Attention problem(Isa isa, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kt,
+                  const at::Tensor& gt) {
+  return {q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(), q.size(0), q.size(1),
+          q.size(2), v.size(2), isa, kt.defined() ? kt.const_data_ptr<float>() : nullptr,
+          gt.defined() ? gt.const_data_ptr<float>() : nullptr};
 }
 
 // r (contiguous fp32) in empty_like(like)'s layout and dtype, the rule of the op's fakes.
@@ -818,8 +956,10 @@ std::tuple<at::Tensor, at::Tensor> nonlocal_attention_fwd_cpu(const at::Tensor& 
   at::Tensor out = at::empty({B, N, g.size(2)}, g.options().dtype(at::kFloat));
   at::Tensor stats = at::empty({2, B, N}, theta.options().dtype(at::kFloat));
   if (B * N > 0) {
-    const at::Tensor q = f32(theta), k = f32(phi), v = f32(g), kt = transposed_keys(k);
-    const Attention a = problem(q, k, v, kt);
+    const Isa isa = g_isa.load();
+    const at::Tensor q = f32(theta), k = f32(phi), v = f32(g);
+    const at::Tensor kt = isa == Isa::kPortable ? at::Tensor() : packed_transpose(k);
+    const Attention a = problem(isa, q, k, v, kt, at::Tensor());
     float* m = stats.data_ptr<float>();
     (col ? forward_col : forward_row)(a, out.data_ptr<float>(), m, m + B * N);
   }
@@ -847,9 +987,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attention_bwd_cpu(const 
   at::Tensor dv = at::empty(g.sizes(), f32_options);
   if (B * N > 0) {
     const at::Tensor q = f32(theta), k = f32(phi), v = f32(g), dy = f32(dout), st = stats.contiguous();
-    const at::Tensor kt = transposed_keys(k);
+    const Isa isa = g_isa.load();
+    const at::Tensor kt = isa == Isa::kPortable ? at::Tensor() : packed_transpose(k);
+    const at::Tensor gt = isa == Isa::kAvx2 ? packed_transpose(v) : at::Tensor();
     at::Tensor D = at::empty({B, N}, f32_options);
-    const Attention a = problem(q, k, v, kt);
+    const Attention a = problem(isa, q, k, v, kt, gt);
     const float* m = st.const_data_ptr<float>();
     if (col) {
       const int64_t partial_numel = a.k_blocks() * B * N * a.d;
@@ -866,14 +1008,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attention_bwd_cpu(const 
 
 }  // namespace
 
-std::string cpu_attention_isa() { return g_use_avx512.load() ? "avx512" : "portable"; }
+namespace {
+constexpr std::pair<Isa, const char*> kIsaNames[] = {
+    {Isa::kAvx512, "avx512"}, {Isa::kAvx2, "avx2"}, {Isa::kPortable, "portable"}};
+}  // namespace
 
-void set_cpu_attention_isa(const std::string& isa) {
-  TORCH_CHECK(isa == "avx512" || isa == "portable", "set_cpu_attention_isa: expected 'avx512' or 'portable', got '",
-              isa, "'");
-  TORCH_CHECK(isa == "portable" || detect_avx512(),
-              "set_cpu_attention_isa: this CPU (or build) lacks AVX-512F/DQ");
-  g_use_avx512.store(isa == "avx512");
+std::string cpu_attention_isa() {
+  for (const auto& [isa, name] : kIsaNames)
+    if (isa == g_isa.load()) return name;
+  return "portable";
+}
+
+void set_cpu_attention_isa(const std::string& name) {
+  for (const auto& [isa, known] : kIsaNames) {
+    if (name != known) continue;
+    TORCH_CHECK(isa_supported(isa), "set_cpu_attention_isa: this CPU (or build) lacks ",
+                isa == Isa::kAvx512 ? "AVX-512F/DQ" : "AVX2/FMA", " for '", name, "'");
+    g_isa.store(isa);
+    return;
+  }
+  TORCH_CHECK(false, "set_cpu_attention_isa: expected 'avx512', 'avx2' or 'portable', got '", name, "'");
 }
 
 TORCH_LIBRARY_FRAGMENT(rnan_fast, m) {

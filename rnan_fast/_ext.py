@@ -71,7 +71,7 @@ def backend_info() -> dict:
         "extension": EXTENSION,
         "extension_cuda": EXTENSION_CUDA,
         "extension_attention_cpu": EXTENSION_ATTENTION,   # the C++ CPU attention kernel
-        # the attention kernel's inner loops: "avx512" or "portable" (None: no kernel, or an older build)
+        # the attention kernel's inner loops: "avx512", "avx2" or "portable" (None: no kernel, or an older build)
         "extension_attention_isa": _cpu_attention_isa() if EXTENSION_ATTENTION and _cpu_attention_isa else None,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "extension_error": EXTENSION_ERROR or None,

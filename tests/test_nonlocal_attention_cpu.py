@@ -20,10 +20,10 @@ MODES = ("query", "key")
 FLOOR = 2e-6   # relative to max |reference|: ~16 fp32 ulps, for sums over up to ~1e3 terms
 
 
-@pytest.fixture(autouse=True, params=["avx512", "portable"])
+@pytest.fixture(autouse=True, params=["avx512", "avx2", "portable"])
 def isa(request):
-    """Every test runs on both inner-loop paths of the kernel: the AVX-512 microkernels (where the
-    CPU has AVX-512F/DQ) and the portable MKL-tile loops of every other x86-64."""
+    """Every test runs on each inner-loop path of the kernel that this CPU has: the AVX-512
+    microkernels (AVX-512F/DQ), the AVX2 gemm (AVX2 and FMA), and the MKL-tile loops of any x86-64."""
     from rnan_fast import _C
 
     previous = _C.cpu_attention_isa()
@@ -311,7 +311,7 @@ def test_isa_switch(isa):
     from rnan_fast import _C
 
     assert _C.cpu_attention_isa() == isa == rnan_fast.backend_info()["extension_attention_isa"]
-    with pytest.raises(RuntimeError, match="expected 'avx512' or 'portable'"):
+    with pytest.raises(RuntimeError, match="expected 'avx512', 'avx2' or 'portable'"):
         _C.set_cpu_attention_isa("sse")
     assert _C.cpu_attention_isa() == isa
 
