@@ -23,7 +23,8 @@ the maximum (Sterbenz), so with the split the dominant weight is 1 to the last b
 PyTorch's softmax - provided the kernel that recomputes S_ij gets the same bits as the one that
 took the max. Key-major kernels compute S^T = K Q^T and query-major ones S = Q K^T; an MMA with
 exact products (fp16/bf16) or an in-order FMA chain ("ieee") should give identical bits either
-way, while numpy (the interpreter, d >= 32) and possibly tf32x3 differ in the last bit, which
+way, while numpy (the interpreter: at d >= 32 on one CPU, at every d on another) and possibly
+tf32x3 differ in the last bit, which
 leaves a ~ulp(S) error on saturated weights (the tests' floors allow for it; to verify on GPU).
 The extra FADD is free beside the ex2 (MUFU) bound. The op's lse output is internal
 (non-differentiable, consumed only by this module's backward).

@@ -281,8 +281,21 @@ def fp32_grad_floor(th, ph):
     """Floor for fp32 gradients, relative to `grad_scales`: rounding a score S moves a saturated
     weight by ~eps32 |S|, so the noise grows with the largest score (theoretical worst case
     ~eps32 * max|S| = 6e-4 at |S| = 1e4; measured <= 5e-6 under the interpreter)."""
-    s_max = (th.detach().double().cpu() @ ph.detach().double().cpu().transpose(1, 2)).abs().max().item()
-    return 1e-7 + 4e-9 * s_max
+    return 1e-7 + 4e-9 * _max_score(th, ph)
+
+
+def _max_score(th, ph):
+    return (th.detach().double().cpu() @ ph.detach().double().cpu().transpose(1, 2)).abs().max().item()
+
+
+def interpreter_score_ulp(th, ph):
+    """Extra floor of the fp32 Triton tests under the interpreter, relative to the same scales: one
+    ulp of the largest score, 2^-23 max|S| (1.2e-3 at |S| = 1e4). There the key-major passes'
+    S^T = K Q^T and the query-major passes' S = Q K^T both come from numpy's sgemm, which on some
+    CPUs gives the two different bits (15-40% of a tile's entries at d = 16-64 on an AMD EPYC, with
+    OpenBLAS's Zen kernels), so a saturated weight is off by up to that much (the kernel's
+    docstring). 0 on a GPU, whose MMA gives both the same bits."""
+    return 0.0 if CUDA else 2.0 ** -23 * _max_score(th, ph)
 
 
 @contextlib.contextmanager
@@ -311,12 +324,13 @@ def test_triton_fp32_matches_float64(case):
         grads = kernel.backward(dout, th, ph, g, stats, mode, False)
         ref, ref_grads = naive_with_grads(th, ph, g, mode, dout)
         low, low_grads = naive_with_grads(th, ph, g, mode, dout, dtype=torch.float32)
-    assert_close_rule(out, ref, low, "out", 2e-5)
+    ulp = interpreter_score_ulp(th, ph)
+    assert_close_rule(out, ref, low, "out", 2e-5 + ulp)
     S = th.double() @ ph.double().transpose(1, 2)
     lse = torch.logsumexp(S, dim=1 if mode == "query" else 2)
     torch.testing.assert_close(kernel.lse_natural(stats).double(), lse, rtol=1e-5, atol=1e-3)
     for name, a, b, l, sc in zip(("dtheta", "dphi", "dg"), grads, ref_grads, low_grads, grad_scales(th, ph, g, dout)):
-        assert_close_rule(a, b, l, name, fp32_grad_floor(th, ph), sc)
+        assert_close_rule(a, b, l, name, fp32_grad_floor(th, ph) + ulp, sc)
 
 
 @needs_triton
@@ -330,9 +344,10 @@ def test_triton_op_autograd_noncontiguous(mode):
         y.backward(dout)
         ref, ref_grads = naive_with_grads(th, ph, g, mode, dout)
         low, low_grads = naive_with_grads(th, ph, g, mode, dout, dtype=torch.float32)
-    assert_close_rule(y, ref, low, "out", 2e-5)
+    ulp = interpreter_score_ulp(th, ph)
+    assert_close_rule(y, ref, low, "out", 2e-5 + ulp)
     for name, x, b, l, sc in zip(("dtheta", "dphi", "dg"), xs, ref_grads, low_grads, grad_scales(th, ph, g, dout)):
-        assert_close_rule(x.grad, b, l, name, fp32_grad_floor(th, ph), sc)
+        assert_close_rule(x.grad, b, l, name, fp32_grad_floor(th, ph) + ulp, sc)
 
 
 @needs_triton
