@@ -368,3 +368,15 @@ def test_sigma_range_draws_a_level_per_patch(train_dir):
     ds = DS.TrainPatches(images, "denoise_gray", 16, 8, seed=1, sigma_range=(10.0, 40.0))
     levels = [float((lq - gt).std()) for lq, gt in (ds[n] for n in range(32))]
     assert 8.0 < min(levels) and max(levels) < 45.0 and max(levels) - min(levels) > 10.0
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_gets_a_note(train_dir, tmp_path, monkeypatch, fast_bf16):
+    monkeypatch.setattr(loop, "_cpu_has_fast_bf16", lambda: fast_bf16)
+    notes = []
+    run(cfg(train_dir, tmp_path / "run", steps=1, precision="bf16"), quiet=True, message=notes.append)
+    slow = [n for n in notes if "--precision bf16" in n]
+    assert bool(slow) != fast_bf16, notes
+    notes.clear()
+    run(cfg(train_dir, tmp_path / "fp32", steps=1), quiet=True, message=notes.append)
+    assert not [n for n in notes if "bf16" in n], notes
