@@ -598,22 +598,13 @@ RNAN_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64_
 enum class Isa : int { kPortable, kAvx2, kAvx512 };
 
 bool isa_supported(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512:
-#if RNAN_HAVE_AVX512
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+#if RNAN_HAVE_AVX512 && RNAN_HAVE_AVX2  // x86-64, GCC or Clang: both sections are compiled
+  if (isa == Isa::kAvx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+  if (isa == Isa::kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return true;
 #else
-      return false;
+  return isa == Isa::kPortable;
 #endif
-    case Isa::kAvx2:
-#if RNAN_HAVE_AVX2
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-      return false;
-#endif
-    default:
-      return true;
-  }
 }
 Isa best_isa() {
   for (Isa isa : {Isa::kAvx512, Isa::kAvx2})
