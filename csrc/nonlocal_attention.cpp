@@ -42,8 +42,10 @@
 //     register-blocked microkernels of the AVX-512 section below (1.4x SDPA's one-pass row
 //     forward at N = 16384, d = 32, against 2.0x on the portable path; BENCHMARKS.md); the
 //     backward's dP and product tiles stay on sgemm, its elementwise loops as below;
-//   "avx2" (CPUs with AVX2 and FMA, e.g. AMD Zen): every score, dP and product tile through the
-//     register-blocked gemm of the AVX2 section below (10-19% faster than MKL's sgemm there), the
+//   "avx2" (CPUs with AVX2 and FMA, e.g. AMD Zen): the column forward fused as on the AVX-512
+//     path, in 6 x 16 register blocks (0.70-0.80x the time of the MKL-tile path on an AMD EPYC at
+//     N = 16384, d = 16-32); the backward's score, dP and product tiles through the register-
+//     blocked gemm of the AVX2 section below (10-19% faster than MKL's sgemm there), its
 //     elementwise loops as below;
 //   "portable" (any x86-64): score, dP and product tiles through MKL's sgemm (blocked and
 //     vectorised; called from inside the parallel loop, where MKL runs single-threaded; ATen's
@@ -276,6 +278,13 @@ inline const float* packed_key(const float* kt_batch, int64_t d, int64_t j) {
   return kt_batch + (j / kBlockK) * d * kBlockK + j % kBlockK;
 }
 
+// Pointers to the R query rows of a register block starting at row q0 (stride d) with rv <= R
+// valid rows; the others repeat the last valid row (computed, never used).
+template <int R>
+RNAN_ALWAYS_INLINE void block_rows(const float* q0, int64_t d, int64_t rv, const float* (&q)[R]) {
+  for (int r = 0; r < R; ++r) q[r] = q0 + std::min<int64_t>(r, rv - 1) * d;
+}
+
 // ---- AVX-512 microkernels ----------------------------------------------------------------------
 // On CPUs with AVX-512F and DQ (detected at load time; `set_cpu_attention_isa("portable")` turns them
 // off, for tests and comparisons) the score tiles of every pass come from score_block instead of
@@ -353,12 +362,6 @@ RNAN_AVX512_INLINE void score_block(const float* const* q, int64_t d, const floa
   }
 }
 
-// Pointers to the 8 query rows of a block starting at row q0 (stride d) with rv <= 8 valid rows;
-// the others repeat the last valid row (computed, never used).
-RNAN_AVX512_INLINE void block_rows(const float* q0, int64_t d, int64_t rv, const float* (&q)[kRegRows]) {
-  RNAN_UNROLL
-  for (int r = 0; r < kRegRows; ++r) q[r] = q0 + std::min<int64_t>(r, rv - 1) * d;
-}
 
 // The score tile S[0:mi, 0:nj] (theta rows q0, stride d; kt: packed phi^T at the first key) into
 // s, row stride kBlockK: what Attention::scores gives on this path.
@@ -526,6 +529,11 @@ RNAN_AVX2_INLINE __m256i lane_mask8(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// 8 floats at x, or only the lanes in mask (the others 0).
+RNAN_AVX2_INLINE __m256 load_lanes(const float* x, bool masked, __m256i mask) {
+  return masked ? _mm256_maskload_ps(x, mask) : _mm256_loadu_ps(x);
+}
+
 // C[i0:i0+rv, 0:8V] (rv <= 6) = beta C + op(A) B for one register block: A element (i, p) at
 // a[i lda + p] (kTA false) or a[p lda + i] (kTA true); B rows of stride ldb; kMask: the last of the V
 // vectors holds only the lanes in mask (columns past n: not loaded, not stored). Rows past rv
@@ -548,7 +556,7 @@ RNAN_AVX2_INLINE void gemm_block(const float* a, int64_t lda, int64_t i0, int64_
     __m256 bv[V];
     RNAN_UNROLL
     for (int v = 0; v < V; ++v)
-      bv[v] = kMask && v == V - 1 ? _mm256_maskload_ps(b + p * ldb + 8 * v, mask) : _mm256_loadu_ps(b + p * ldb + 8 * v);
+      bv[v] = load_lanes(b + p * ldb + 8 * v, kMask && v == V - 1, mask);
     RNAN_UNROLL
     for (int r = 0; r < kGemmRows; ++r) {
       const __m256 w = _mm256_broadcast_ss(kTA ? ar[r] + p * lda : ar[r] + p);
@@ -565,7 +573,7 @@ RNAN_AVX2_INLINE void gemm_block(const float* a, int64_t lda, int64_t i0, int64_
       const bool masked = kMask && v == V - 1;
       __m256 y = x[r][v];
       if (beta != 0.0f) {
-        const __m256 old = masked ? _mm256_maskload_ps(cr + 8 * v, mask) : _mm256_loadu_ps(cr + 8 * v);
+        const __m256 old = load_lanes(cr + 8 * v, masked, mask);
         y = _mm256_fmadd_ps(_mm256_set1_ps(beta), old, y);
       }
       masked ? _mm256_maskstore_ps(cr + 8 * v, mask, y) : _mm256_storeu_ps(cr + 8 * v, y);
@@ -590,6 +598,157 @@ RNAN_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64_
       else gemm_block<kTA, 1, true>(a, lda, i0, rv, b + j0, ldb, k, mask, beta, c + j0, ldc);
     }
   }
+}
+// The column forward fused as on the AVX-512 path, for 6 queries x 16 keys per register block:
+// the scores are the gemm's (one chain of FMAs over k from zero: the same bits), pass 1 folds
+// each block into the per-key (max, sum), pass 2 turns it into weights in a 6 x 32 L1 buffer
+// and multiplies them by g.
+constexpr int64_t kFusedKeys = 2 * kGemmCols;  // keys per weight buffer of pass 2
+
+// 2^x on 8 lanes, exp2_f32's method (clamp to [-127, 127], round, the degree-6 polynomial, 2^k
+// from the exponent bits) with FMAs: -inf gives 0, NaN passes through.
+RNAN_AVX2_INLINE __m256 exp2_v8(__m256 x) {
+  const __m256 c = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+  const __m256 k = _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(c, k);
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+  RNAN_UNROLL
+  for (int n = 1; n < kExp2Terms; ++n) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[n]));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+// s[r][c] = S of query row q[r] and keys 8c..8c+7 of kt (packed phi^T at the block's first key,
+// rows of stride kBlockK), keys past the lanes of m0 / m1 as 0: gemm_block's arithmetic.
+RNAN_AVX2_INLINE void score_block_avx2(const float* const* q, int64_t d, const float* kt, __m256i m0, __m256i m1,
+                                       __m256 (&s)[kGemmRows][2]) {
+  RNAN_UNROLL
+  for (int r = 0; r < kGemmRows; ++r) s[r][0] = s[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < d; ++k) {
+    const __m256 b0 = _mm256_maskload_ps(kt + k * kBlockK, m0);
+    const __m256 b1 = _mm256_maskload_ps(kt + k * kBlockK + 8, m1);
+    RNAN_UNROLL
+    for (int r = 0; r < kGemmRows; ++r) {
+      const __m256 w = _mm256_broadcast_ss(q[r] + k);
+      s[r][0] = _mm256_fmadd_ps(w, b0, s[r][0]);
+      s[r][1] = _mm256_fmadd_ps(w, b1, s[r][1]);
+    }
+  }
+}
+
+
+// Pass 1 of the column forward for keys j0..j0+nj-1 (nj <= kBlockK) of one batch: col_stats_avx512's
+// contract (m_j, r_j over all N queries).
+RNAN_AVX2 void col_stats_avx2(const float* q_all, const float* kt, int64_t N, int64_t d, int64_t nj, float* m_out,
+                              float* r_out) {
+  alignas(32) float m[kBlockK], l[kBlockK];
+  std::fill(m, m + kBlockK, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + kBlockK, 0.0f);
+  const __m256 log2e = _mm256_set1_ps(kLog2e);
+  __m256 v[kGemmRows][2];
+  const float* q[kGemmRows];
+  for (int64_t i0 = 0; i0 < N; i0 += kGemmRows) {
+    const int64_t rv = std::min<int64_t>(kGemmRows, N - i0);
+    block_rows(q_all + i0 * d, d, rv, q);
+    for (int64_t js = 0; js < nj; js += kGemmCols) {
+      score_block_avx2(q, d, kt + js, lane_mask8(nj - js), lane_mask8(nj - js - 8), v);
+      RNAN_UNROLL
+      for (int c = 0; c < 2; ++c) {
+        float *mc = m + js + 8 * c, *lc = l + js + 8 * c;
+        __m256 bmax = v[0][c];
+        RNAN_UNROLL
+        for (int r = 1; r < kGemmRows; ++r) bmax = _mm256_max_ps(bmax, v[r][c]);  // repeated rows: harmless
+        const __m256 m_old = _mm256_load_ps(mc), m_new = _mm256_max_ps(m_old, bmax);
+        __m256 lv = _mm256_load_ps(lc);
+        if (_mm256_movemask_ps(_mm256_cmp_ps(m_old, m_new, _CMP_LT_OQ)) != 0) {
+          lv = _mm256_mul_ps(lv, exp2_v8(_mm256_mul_ps(_mm256_sub_ps(m_old, m_new), log2e)));
+          _mm256_store_ps(mc, m_new);
+        }
+        __m256 sum = _mm256_setzero_ps();
+        RNAN_UNROLL
+        for (int r = 0; r < kGemmRows; ++r) {
+          if (r >= rv) break;  // rows past N repeat the last query: left out of the sum
+          sum = _mm256_add_ps(sum, exp2_v8(_mm256_mul_ps(_mm256_sub_ps(v[r][c], m_new), log2e)));
+        }
+        _mm256_store_ps(lc, _mm256_add_ps(lv, sum));
+      }
+    }
+  }
+  for (int64_t j = 0; j < nj; ++j) {
+    m_out[j] = m[j];
+    r_out[j] = std::log2(l[j]);
+  }
+}
+
+// acc[r][0:8V] += sum_{j < nk} p[r][j] g[j][0:8V] for the 6 rows (row stride dv), j in order; the
+// last vector on the lanes in mask (kMask).
+template <int V, bool kMask>
+RNAN_AVX2_INLINE void add_weighted_rows_avx2(const float (&p)[kGemmRows][kFusedKeys], int64_t nk, const float* g,
+                                             int64_t dv, float* acc, __m256i mask) {
+  __m256 x[kGemmRows][V];
+  RNAN_UNROLL
+  for (int r = 0; r < kGemmRows; ++r)
+    RNAN_UNROLL
+    for (int v = 0; v < V; ++v) x[r][v] = load_lanes(acc + r * dv + 8 * v, kMask && v == V - 1, mask);
+  for (int64_t j = 0; j < nk; ++j) {
+    __m256 gj[V];
+    RNAN_UNROLL
+    for (int v = 0; v < V; ++v) gj[v] = load_lanes(g + j * dv + 8 * v, kMask && v == V - 1, mask);
+    RNAN_UNROLL
+    for (int r = 0; r < kGemmRows; ++r) {
+      const __m256 w = _mm256_broadcast_ss(&p[r][j]);
+      RNAN_UNROLL
+      for (int v = 0; v < V; ++v) x[r][v] = _mm256_fmadd_ps(w, gj[v], x[r][v]);
+    }
+  }
+  RNAN_UNROLL
+  for (int r = 0; r < kGemmRows; ++r)
+    RNAN_UNROLL
+    for (int v = 0; v < V; ++v) {
+      float* dst = acc + r * dv + 8 * v;
+      kMask && v == V - 1 ? _mm256_maskstore_ps(dst, mask, x[r][v]) : _mm256_storeu_ps(dst, x[r][v]);
+    }
+}
+
+// Pass 2 of the column forward for queries i0..i0+mi-1 (mi <= kBlockQ): col_output_avx512's
+// contract. acc: scratch of at least (kBlockQ + kGemmRows) x dv (rows past mi land in its spare rows).
+RNAN_AVX2 void col_output_avx2(const float* q_all, const float* kt, const float* g, const float* m, const float* r,
+                               int64_t N, int64_t d, int64_t dv, int64_t i0, int64_t mi, float* acc, float* out) {
+  std::fill(acc, acc + (kBlockQ + kGemmRows) * dv, 0.0f);
+  const __m256 log2e = _mm256_set1_ps(kLog2e);
+  alignas(32) float p[kGemmRows][kFusedKeys];
+  __m256 v[kGemmRows][2];
+  const float* q[kGemmRows];
+  // Keys outer, queries inner, as on the AVX-512 path: the 32 keys' phi^T and g stay in L1.
+  for (int64_t js = 0; js < N; js += kFusedKeys) {
+    const int64_t nk = std::min(kFusedKeys, N - js);
+    const float* kt_keys = packed_key(kt, d, js);
+    const float* gj = g + js * dv;
+    for (int64_t r0 = 0; r0 < mi; r0 += kGemmRows) {
+      block_rows(q_all + (i0 + r0) * d, d, std::min<int64_t>(kGemmRows, mi - r0), q);
+      for (int64_t h = 0; h < nk; h += kGemmCols) {
+        const __m256i mk[2] = {lane_mask8(nk - h), lane_mask8(nk - h - 8)};
+        score_block_avx2(q, d, kt_keys + h, mk[0], mk[1], v);
+        RNAN_UNROLL
+        for (int c = 0; c < 2; ++c) {
+          const __m256 mv = _mm256_maskload_ps(m + js + h + 8 * c, mk[c]);
+          const __m256 rvec = _mm256_maskload_ps(r + js + h + 8 * c, mk[c]);
+          RNAN_UNROLL
+          for (int rr = 0; rr < kGemmRows; ++rr)
+            _mm256_store_ps(&p[rr][h + 8 * c], exp2_v8(_mm256_fmsub_ps(_mm256_sub_ps(v[rr][c], mv), log2e, rvec)));
+        }
+      }
+      float* acc_rows = acc + r0 * dv;
+      int64_t c0 = 0;
+      for (; c0 + 16 <= dv; c0 += 16)
+        add_weighted_rows_avx2<2, false>(p, nk, gj + c0, dv, acc_rows + c0, lane_mask8(8));
+      if (dv - c0 > 8) add_weighted_rows_avx2<2, true>(p, nk, gj + c0, dv, acc_rows + c0, lane_mask8(dv - c0 - 8));
+      else if (dv - c0 == 8) add_weighted_rows_avx2<1, false>(p, nk, gj + c0, dv, acc_rows + c0, lane_mask8(8));
+      else if (dv - c0 > 0) add_weighted_rows_avx2<1, true>(p, nk, gj + c0, dv, acc_rows + c0, lane_mask8(dv - c0));
+    }
+  }
+  std::copy(acc, acc + mi * dv, out);
 }
 #endif
 
@@ -676,21 +835,24 @@ struct Attention {
 // ---- forward ----------------------------------------------------------------------------------
 void forward_col(const Attention& a, float* out, float* stat_m, float* stat_r) {
   const int64_t N = a.N, nk = a.k_blocks(), nq = a.q_blocks();
-#if RNAN_HAVE_AVX512
-  if (a.isa == Isa::kAvx512) {
+#if RNAN_HAVE_AVX512 && RNAN_HAVE_AVX2
+  if (a.isa != Isa::kPortable) {  // the fused passes, in registers
+    const bool wide = a.isa == Isa::kAvx512;
+    const auto col_stats = wide ? col_stats_avx512 : col_stats_avx2;
+    const auto col_output = wide ? col_output_avx512 : col_output_avx2;
     at::parallel_for(0, a.B * nk, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t b = t / nk, j0 = (t % nk) * kBlockK;
-        col_stats_avx512(a.q_rows(b, 0), a.kt_keys(b, j0), N, a.d, std::min(kBlockK, N - j0), stat_m + b * N + j0,
-                         stat_r + b * N + j0);
+        col_stats(a.q_rows(b, 0), a.kt_keys(b, j0), N, a.d, std::min(kBlockK, N - j0), stat_m + b * N + j0,
+                  stat_r + b * N + j0);
       }
     });
     at::parallel_for(0, a.B * nq, 1, [&](int64_t begin, int64_t end) {
       Scratch w(a.d, a.dv, false);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t b = t / nq, i0 = (t % nq) * kBlockQ;
-        col_output_avx512(a.q_rows(b, 0), a.kt_keys(b, 0), a.v_rows(b, 0), stat_m + b * N, stat_r + b * N, N, a.d,
-                          a.dv, i0, std::min(kBlockQ, N - i0), w.acc.data(), out + (b * N + i0) * a.dv);
+        col_output(a.q_rows(b, 0), a.kt_keys(b, 0), a.v_rows(b, 0), stat_m + b * N, stat_r + b * N, N, a.d, a.dv,
+                   i0, std::min(kBlockQ, N - i0), w.acc.data(), out + (b * N + i0) * a.dv);
       }
     });
     return;
