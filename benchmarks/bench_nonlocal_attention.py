@@ -27,7 +27,8 @@ CPU providers (`test_cpu_*`):
              speed yardstick (one pass, 2d FMAs and one exp per score; ours does two passes with 3d
              FMAs and two exps), as the targets are set against it.
 extra_info: ns_per_score = median / (B N^2) (the cost model for CPU tiling decisions), and in the
-`ratio` cases ours / sdpa_row timed alternately in one test, against the target.
+`ratio` cases ours / sdpa_row timed alternately in one test, against the target; in the `isa`
+cases the kernel's path for this CPU (AVX-512 or AVX2) / its portable MKL-tile path, alternately.
 """
 
 import statistics
@@ -277,6 +278,23 @@ def test_cpu_train_shape(benchmark, provider, dtype_name):
     _cpu_bench(benchmark, provider, *CPU_TRAIN, dtype_name, backward=True)
 
 
+def _alternate(benchmark, fns, rounds):
+    """Times the calls in fns (name -> callable) alternately, `rounds` times each after one warm-up
+    call each (a shared machine's load falls on all of them); returns name -> median seconds."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+
+    def one_round():
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 @needs_cpu_kernel
 @pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
 def test_cpu_ratio_to_sdpa(benchmark, passes):
@@ -286,18 +304,8 @@ def test_cpu_ratio_to_sdpa(benchmark, passes):
     B, N, d = CPU_TRAIN if backward else (1, 128 * 128, D)
     th, ph, g, dout = _cpu_inputs(B, N, d, torch.float32, backward)
     ours, sdpa = (_call(CPU_PROVIDERS[p], th, ph, g, backward, dout) for p in ("ours", "sdpa_row"))
-    ours(), sdpa()
-    times = {"ours": [], "sdpa_row": []}
-
-    def pair():
-        for name, fn in (("ours", ours), ("sdpa_row", sdpa)):
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-
     # 15 pairs (~8 s): with 5, the ratio moved by +-0.1 between back-to-back runs on this VM.
-    benchmark.pedantic(pair, rounds=15, iterations=1)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = _alternate(benchmark, {"ours": ours, "sdpa_row": sdpa}, rounds=15)
     ratio = med["ours"] / med["sdpa_row"]
     benchmark.extra_info.update({"passes": passes, "B": B, "N": N, "d": d, "dtype": "fp32",
                                  "median_s": med, "ratio": ratio, "target": CPU_TARGETS[passes],
@@ -325,3 +333,36 @@ def test_cpu_sdpa2_composite_formula():
 
     th, ph, g = (t.double() for t in _inputs(2, 50, torch.float32, "cpu", False))
     torch.testing.assert_close(_sdpa2(th, ph, g, eff), _naive(th, ph, g))
+
+
+# (B, N, d, backward): the training shape, the column forward at the shipped models' d = 16 and at
+# d = 32, and a forward + backward of one 96x96 image.
+CPU_ISA_CASES = [(*CPU_TRAIN, True), (1, 128 * 128, 16, False), (1, 128 * 128, D, False), (1, 96 * 96, D, True)]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("B,N,d,backward", CPU_ISA_CASES,
+                         ids=[f"B{b}-N{n}-d{d}-{'fwd+bwd' if bw else 'fwd'}" for b, n, d, bw in CPU_ISA_CASES])
+def test_cpu_isa_ratio(benchmark, B, N, d, backward):
+    """The kernel's path for this CPU ("avx512" or "avx2") against its portable MKL-tile path, timed
+    alternately (8 rounds); extra_info has ratio = median(this CPU's path) / median(portable)."""
+    from rnan_fast import _C
+
+    best = _C.cpu_attention_isa()
+    if best == "portable":
+        pytest.skip("this CPU has only the portable path")
+    th, ph, g, dout = _cpu_inputs(B, N, d, torch.float32, backward)
+    call = _call(CPU_PROVIDERS["ours"], th, ph, g, backward, dout)
+
+    def on(isa):
+        def run():
+            _C.set_cpu_attention_isa(isa)
+            call()
+        return run
+
+    try:
+        med = _alternate(benchmark, {best: on(best), "portable": on("portable")}, rounds=8)
+    finally:
+        _C.set_cpu_attention_isa(best)
+    benchmark.extra_info.update({"B": B, "N": N, "d": d, "backward": backward, "isa": best, "median_s": med,
+                                 "ratio": med[best] / med["portable"], "threads": torch.get_num_threads()})
