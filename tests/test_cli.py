@@ -445,6 +445,84 @@ def test_eval_sr_images_smaller_than_scale_or_border(ckpts, crops, tmp_path, cap
         assert [r["image"] for r in rows] == ["c_ok.png", "mean"] and np.isfinite(float(rows[1]["psnr"]))
 
 
+def _interrupt_after(monkeypatch, n):
+    """ImageRunner.run raises KeyboardInterrupt (as Ctrl-C would) once n images have run; returns
+    the list of image names it was called with."""
+    from rnan_fast.cli.tiling import ImageRunner
+
+    calls, run = [], ImageRunner.run
+
+    def counted(self, img, name):
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        calls.append(Path(name).name)
+        return run(self, img, name)
+    monkeypatch.setattr(ImageRunner, "run", counted)
+    return calls
+
+
+def test_eval_resume_continues_an_interrupted_run(ckpts, crops, tmp_path, capsys, monkeypatch):
+    """An interrupted eval keeps its finished images in FILE.partial; --resume runs only the rest
+    and writes the table of an uninterrupted run; a rerun without --resume is refused."""
+    base = ["eval", "--weights", ckpts["rgb"], "--task", "denoise_rgb", "--sigma", 25, "--data", crops["eval"],
+            "--quiet"]
+    assert _run(base + ["--csv", tmp_path / "whole.csv"], capsys)[0] == 0
+    target, journal = tmp_path / "r.csv", tmp_path / "r.csv.partial"
+    calls = _interrupt_after(monkeypatch, 1)
+    code, out, err = _run(base + ["--csv", target], capsys)
+    assert code == 130 and calls == ["k0.png"] and not target.exists(), err
+    assert "1 finished image(s) are kept in" in err and "--resume" in err
+    kept = journal.read_text()
+    assert len(kept.splitlines()) == 2  # the settings and k0
+    code, out, err = _run(base + ["--csv", target], capsys)  # would start over: refused, nothing lost
+    assert code == 2 and "holds 1 finished image(s)" in err and "pass --resume" in err and out == "", err
+    assert journal.read_text() == kept
+    monkeypatch.undo()
+    calls = _interrupt_after(monkeypatch, 9)
+    code, out, err = _run(base + ["--csv", target, "--resume"], capsys)
+    assert code == 0 and calls == ["k1.png"], err
+    assert "1 of 2 images come from" in err
+    assert [line.split()[0] for line in out.splitlines()[2:5]] == ["k0.png", "k1.png", "mean"]
+    assert target.read_text() == (tmp_path / "whole.csv").read_text() and not journal.exists()
+
+
+def test_eval_resume_refuses_other_settings_and_mends_a_cut_line(ckpts, crops, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data"  # a private copy of the images, to rename one below
+    data.mkdir()
+    for f in crops["eval"].iterdir():
+        (data / f.name).write_bytes(f.read_bytes())
+    base = ["eval", "--task", "denoise_rgb", "--data", data, "--quiet", "--no-ssim"]
+    target, journal = tmp_path / "r.csv", tmp_path / "r.csv.partial"
+    same = ["--weights", ckpts["rgb"], "--sigma", 25, "--csv", target, "--resume"]
+    code, _, err = _run(base + same[:4] + ["--resume"], capsys)
+    assert code == 2 and "--resume needs --csv" in err
+    _interrupt_after(monkeypatch, 1)
+    code, _, err = _run(base + same, capsys)
+    assert code == 130 and "starts from the first image" in err, err
+    kept = journal.read_text()
+    for other, says in ((["--weights", ckpts["rgb"], "--sigma", 30], "sigma 25.0, not 30.0"),
+                        (["--weights", ckpts["rgb"], "--sigma", 25, "--self-ensemble"], "self_ensemble False, not True"),
+                        (["--weights", ckpts["pickled"], "--trust-checkpoint", "--sigma", 25], "model 'sha256:"),
+                        (["--weights", ckpts["rgb"], "--sigma", 25, "--seed", 1], "seed 0, not 1")):
+        code, out, err = _run(base + other + ["--csv", target, "--resume"], capsys)
+        assert code == 2 and "other settings" in err and says in err and out == "", err
+        assert journal.read_text() == kept
+    (data / "k0.png").rename(data / "a.png")  # image 1 is no longer the journal's k0.png
+    code, _, err = _run(base + same, capsys)
+    assert code == 2 and "has k0.png as image 1" in err and "a.png" in err, err
+    (data / "a.png").rename(data / "k0.png")
+    journal.write_text(kept.splitlines()[0] + "\nnot json\n" + kept.splitlines()[1] + "\n")
+    code, _, err = _run(base + same, capsys)
+    assert code == 2 and "line 2 is not a journal entry" in err and "Traceback" not in err, err
+    # a kill in the middle of a line: the cut line is dropped, the rest resumes, k1 runs once
+    journal.write_text(kept + '{"index": 1, "row": {"ima')
+    monkeypatch.undo()
+    calls = _interrupt_after(monkeypatch, 9)
+    code, out, err = _run(base + same, capsys)
+    assert code == 0 and calls == ["k1.png"], err
+    assert not journal.exists() and [r["image"] for r in _read_csv(target)] == ["k0.png", "k1.png", "mean"]
+
+
 def test_fast_backend_unavailable_is_a_usage_error(ckpts, crops, tmp_path, capsys, monkeypatch):
     """fp16 on the CPU: the C++ attention kernel takes fp32 and bf16 only, and Triton (no
     interpreter) takes no CPU tensors, so --backend fast is refused before any image is read."""

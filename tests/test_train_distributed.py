@@ -73,7 +73,7 @@ def test_two_processes_train_what_one_process_trains(images, tmp_path):
     assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in losses)
 
 
-def test_restore_and_eval_split_images_across_ranks(images, tmp_path, capsys):
+def test_restore_and_eval_split_images_across_ranks(images, tmp_path, capsys, monkeypatch):
     torch.manual_seed(3)
     net = RNAN(n_colors=3, scale=1, n_feats=8, n_resgroups=2)
     with torch.no_grad():
@@ -100,6 +100,18 @@ def test_restore_and_eval_split_images_across_ranks(images, tmp_path, capsys):
     table = lambda text: [line for line in text.splitlines() if not line.startswith("#")]  # noqa: E731
     assert table(proc.stdout) == table(one_out) and len(table(one_out)) == 7  # header, 5 images, mean
     assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()
+    # --resume under torchrun: the ranks share the images the journal lacks; the table is the same
+    from rnan_fast.cli.eval_journal import Journal
+    monkeypatch.setattr(Journal, "remove", lambda self: None)  # a run of 2 images whose journal stays behind
+    assert cli.main([str(a) for a in argv] + ["--csv", str(tmp_path / "part.csv"), "--limit", "2"]) == 0
+    monkeypatch.undo()
+    (tmp_path / "part.csv.partial").rename(tmp_path / "three.csv.partial")
+    capsys.readouterr()
+    proc = torchrun(argv + ["--csv", tmp_path / "three.csv", "--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 of 5 images come from" in proc.stderr and table(proc.stdout) == table(one_out)
+    assert (tmp_path / "three.csv").read_text() == (tmp_path / "one.csv").read_text()
+    assert not (tmp_path / "three.csv.partial").exists()
 
 
 def test_global_batch_must_split_evenly(images, tmp_path):

@@ -15,6 +15,7 @@ import numpy as np
 
 from rnan_fast import data as D
 from rnan_fast.cli.models import add_model_args, load_net, model_task, note_sigma
+from rnan_fast.cli.eval_journal import Journal, refuse_unresumed, run_settings
 from rnan_fast.cli.tiling import ImageRunner
 from rnan_fast.cli.common import (EXIT_FAILURES, EXIT_OK, PROG, UserError, _add_runtime_args, _check_backend,
                                   _check_runtime_args, _distributed, _err, _first_line, _progress, _report)
@@ -121,9 +122,8 @@ def _describe_task(p: dict, args) -> str:
 
 
 def cmd_eval(args) -> int:
-    from rnan_fast.baselines import BaselineUnavailable, bm3d_denoise, check_baseline
+    from rnan_fast.baselines import BaselineUnavailable, check_baseline
     from rnan_fast.inference import DTYPES
-    from rnan_fast.metrics import evaluate
 
     _check_runtime_args(args)
     model_given = args.weights is not None or args.model is not None
@@ -141,8 +141,12 @@ def cmd_eval(args) -> int:
             raise UserError(f"--baseline bm3d: {e}") from None
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
+    if args.resume and not args.csv:
+        raise UserError("--resume needs --csv FILE: an interrupted run is continued from FILE.partial")
     if args.csv:
         _prepare_csv(Path(args.csv))
+        if not args.resume:
+            refuse_unresumed(Path(args.csv))  # before the model load (Journal checks again)
     files = _eval_images(args.data)
     if args.limit is not None:
         files = files[: args.limit]
@@ -159,6 +163,18 @@ def cmd_eval(args) -> int:
         note_sigma(card, p["sigma"], args.quiet)
     runner = None if net is None else ImageRunner(args, net, device, DTYPES[args.precision])
     bm3d_beside = args.baseline == "bm3d" and net is not None
+    journal = None
+    if args.csv:  # every rank reads (or refuses) the old journal before rank 0 starts a new one
+        journal = Journal(Path(args.csv), run_settings(args, p, files, _model_id(args, card) if net is not None else None,
+                                                       bm3d_beside), files, args.resume)
+        d.barrier()
+        if d.main:
+            if args.resume and not journal.resumed:
+                _report(f"{PROG}: note: --resume: no {journal.path}, so the run starts from the first image",
+                        args.quiet)
+            journal.start()
+        d.barrier()
+    done = journal.done if journal else {}
     if net is not None:
         who = net.describe() + (", beside BM3D (CBM3D for color) given the true sigma" if bm3d_beside else "")
     elif args.baseline == "bm3d":
@@ -171,9 +187,58 @@ def cmd_eval(args) -> int:
         print(f"# {_describe_task(p, args)}; data {args.data} ({len(files)} images{processes}); {who}")
         bm3d_cols = f"  {'BM3D PSNR':>9}  {'SSIM':>6}" if bm3d_beside else ""
         print(f"{'image':<{width}}  {'PSNR':>8}  {'SSIM':>6}{bm3d_cols}")
+        if done:
+            _report(f"{PROG}: note: --resume: {len(done)} of {len(files)} images come from {journal.path}",
+                    args.quiet)
+            if not d.active:
+                for row in done.values():
+                    print(f"{row['image']:<{width}}  {_scores_text(row)}")
     rows, failures = [], []  # rows: (index in the file list, row)
     t0 = time.perf_counter()
-    mine = list(enumerate(files))[d.rank::d.world_size]
+    mine = [(i, f) for i, f in enumerate(files) if i not in done][d.rank::d.world_size]
+    try:
+        _score_images(mine, rows, failures, p, args, net, runner, bm3d_beside, journal, d, width)
+    except KeyboardInterrupt:
+        if journal and d.main:
+            _report(f"{PROG}: {len(done) + len(rows)} finished image(s) are kept in {journal.path}: the same "
+                    f"command with --resume continues the run", args.quiet)
+        raise
+    if d.active:  # the ranks scored interleaved shares: rank 0 prints the whole table in file order
+        rows, failures = d.gather_lists(rows), d.gather_lists(failures)
+        if not d.main:
+            return EXIT_FAILURES if failures else EXIT_OK
+        for _, row in sorted(rows + list(done.items()), key=lambda r: r[0]):
+            print(f"{row['image']:<{width}}  {_scores_text(row)}")
+    new = len(rows)
+    rows = [row for _, row in sorted(rows + list(done.items()), key=lambda r: r[0])]
+    mean = _mean_row(rows)
+    if rows:
+        print(f"{'mean':<{width}}  {_scores_text(mean)}")
+        resumed = f" ({len(rows) - new} of them from the journal)" if done else ""
+        print(f"# {len(rows)} images{resumed}; {new} in {time.perf_counter() - t0:.1f} s" if done
+              else f"# {len(rows)} images in {time.perf_counter() - t0:.1f} s")
+    if args.csv:
+        _write_csv(Path(args.csv), rows, mean)
+        journal.remove()
+    if failures:
+        _err(f"{len(failures)} image(s) failed: " + ", ".join(str(f) for f in failures))
+        return EXIT_FAILURES
+    return EXIT_OK
+
+
+def _model_id(args, card: dict | None) -> str:
+    """The weights' identity in a journal: the SHA-256 of the --weights file or of the shipped model."""
+    from rnan_fast.weights import sha256_of
+
+    return "sha256:" + (card["sha256"] if card is not None else sha256_of(args.weights))
+
+
+def _score_images(mine, rows, failures, p, args, net, runner, bm3d_beside, journal, d, width) -> None:
+    """Degrade, restore and score this rank's images (index, path), appending (index, row) to
+    `rows` (and to the journal) and failed paths to `failures`; one line per image on one process."""
+    from rnan_fast.baselines import bm3d_denoise
+    from rnan_fast.metrics import evaluate
+
     for index, path in _progress(mine, len(mine), "eval", args.quiet or not d.main):
         try:
             img = D.read_image(path)
@@ -205,25 +270,10 @@ def cmd_eval(args) -> int:
             row["bm3d_psnr"], row["bm3d_ssim"] = evaluate(gt, bm3d_denoise(lq, p["sigma"]), p["task"],
                                                           with_ssim=not args.no_ssim)
         rows.append((index, row))
+        if journal:
+            journal.append(index, row)
         if not d.active:
             _report(f"{path.name:<{width}}  {_scores_text(row)}", args.quiet, file=sys.stdout)
-    if d.active:  # the ranks scored interleaved shares: rank 0 prints the whole table in file order
-        rows, failures = sorted(d.gather_lists(rows), key=lambda r: r[0]), d.gather_lists(failures)
-        if not d.main:
-            return EXIT_FAILURES if failures else EXIT_OK
-        for _, row in rows:
-            print(f"{row['image']:<{width}}  {_scores_text(row)}")
-    rows = [row for _, row in rows]
-    mean = _mean_row(rows)
-    if rows:
-        print(f"{'mean':<{width}}  {_scores_text(mean)}")
-        print(f"# {len(rows)} images in {time.perf_counter() - t0:.1f} s")
-    if args.csv:
-        _write_csv(Path(args.csv), rows, mean)
-    if failures:
-        _err(f"{len(failures)} image(s) failed: " + ", ".join(str(f) for f in failures))
-        return EXIT_FAILURES
-    return EXIT_OK
 
 
 def _prepare_csv(path: Path) -> None:
@@ -294,7 +344,10 @@ def add_parser(sub) -> None:
     e.add_argument("--scale", type=int, help="SR factor (sr; default: the checkpoint's)")
     e.add_argument("--data", required=True, metavar="DIR", help="folder of ground-truth images (or DIR/HR)")
     e.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted by name)")
-    e.add_argument("--csv", metavar="FILE", help="also write per-image and mean PSNR/SSIM to FILE")
+    e.add_argument("--csv", metavar="FILE", help="also write per-image and mean PSNR/SSIM to FILE (FILE.partial "
+                   "keeps each finished image until then, for --resume)")
+    e.add_argument("--resume", action="store_true", help="with --csv FILE: continue the interrupted run of "
+                   "FILE.partial (same settings; the images it finished are not run again)")
     e.add_argument("--seed", type=int, default=0, help="noise seed base: image i uses seed + i (default 0)")
     e.add_argument("--quantize-noisy", action="store_true",
                    help="round and clip the noisy input to uint8 (as stored noisy PNGs are)")
