@@ -53,7 +53,9 @@ def zoo(tmp_path_factory):
     weights.export(src / "rgb.pt", weights.DEFAULT_MODEL, root, **tiny_card())
     weights.export(src / "gray.pt", "tiny_gray", root, dtype=torch.bfloat16,
                    **tiny_card("denoise_gray", measured=[{"set": "BSD68", "sigma": 30, "psnr": 20.0, "ssim": 0.5,
-                                                          "bm3d_psnr": 27.8, "bm3d_ssim": 0.77}]))
+                                                          "bm3d_psnr": 27.8, "bm3d_ssim": 0.77},
+                                                         {"set": "BSD68", "sigma": 30, "psnr": 20.5, "ssim": 0.5,
+                                                          "self_ensemble": True}]))
     return {"root": root, "nets": nets}
 
 
@@ -284,7 +286,7 @@ def test_models_lists_cards(use_zoo, capsys):
     assert default.startswith("*") and "denoise_rgb" in default and "gaussian sigma 5-55" in default
     assert "not measured" in default and "MiB" in default
     gray = next(line for line in lines if "tiny_gray" in line)
-    assert "BSD68 s30 20.00 (BM3D 27.80)" in gray and not gray.startswith("*")
+    assert "BSD68 s30 20.00 (BM3D 27.80), BSD68 s30 x8 20.50" in gray and not gray.startswith("*")
 
 
 def test_eval_with_a_shipped_model(use_zoo, data_dir, tmp_path, capsys):

@@ -81,7 +81,8 @@ def model_task(name: str) -> str:
 
 
 def _measured(card: dict) -> str:
-    """The card's sigma-30 rows (else its first rows), e.g. "CBSD68 s30 30.12 (BM3D 29.85)"."""
+    """The card's sigma-30 rows (else its first rows), e.g. "CBSD68 s30 30.12 (BM3D 29.85)"; a row
+    measured with --self-ensemble says so ("Kodak24 s30 x8 31.04")."""
     rows = card.get("measured") or []
     if not rows:
         return "not measured"
@@ -89,7 +90,8 @@ def _measured(card: dict) -> str:
     parts = []
     for r in chosen:
         bm3d = f" (BM3D {r['bm3d_psnr']:.2f})" if r.get("bm3d_psnr") is not None else ""
-        parts.append(f"{r['set']} s{r['sigma']:g} {r['psnr']:.2f}{bm3d}")
+        x8 = " x8" if r.get("self_ensemble") else ""
+        parts.append(f"{r['set']} s{r['sigma']:g}{x8} {r['psnr']:.2f}{bm3d}")
     return ", ".join(parts)
 
 
