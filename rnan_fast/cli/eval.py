@@ -207,16 +207,16 @@ def cmd_eval(args) -> int:
         rows, failures = d.gather_lists(rows), d.gather_lists(failures)
         if not d.main:
             return EXIT_FAILURES if failures else EXIT_OK
-        for _, row in sorted(rows + list(done.items()), key=lambda r: r[0]):
-            print(f"{row['image']:<{width}}  {_scores_text(row)}")
     new = len(rows)
     rows = [row for _, row in sorted(rows + list(done.items()), key=lambda r: r[0])]
+    if d.active:
+        for row in rows:
+            print(f"{row['image']:<{width}}  {_scores_text(row)}")
     mean = _mean_row(rows)
     if rows:
         print(f"{'mean':<{width}}  {_scores_text(mean)}")
-        resumed = f" ({len(rows) - new} of them from the journal)" if done else ""
-        print(f"# {len(rows)} images{resumed}; {new} in {time.perf_counter() - t0:.1f} s" if done
-              else f"# {len(rows)} images in {time.perf_counter() - t0:.1f} s")
+        resumed = f" ({len(done)} from the journal, {new} run)" if done else ""
+        print(f"# {len(rows)} images{resumed} in {time.perf_counter() - t0:.1f} s")
     if args.csv:
         _write_csv(Path(args.csv), rows, mean)
         journal.remove()
