@@ -115,6 +115,15 @@ def test_every_shipped_model(data_dir, tmp_path, monkeypatch):
         check_model("tiny", data_dir)
 
 
+def test_export_writes_the_card_head_first(tmp_path):
+    tiny_checkpoint(tmp_path / "src.pt")
+    fields = tiny_card()
+    weights.export(tmp_path / "src.pt", "tiny", tmp_path, note="extra", **dict(reversed(fields.items())))
+    keys = list(json.loads((tmp_path / "tiny.json").read_text()))
+    assert keys == ["task", "noise", "training", "test_gain_db", "measured", "note",
+                    "architecture", "stored_dtype", "size", "sha256"]
+
+
 def test_export_and_load(use_zoo):
     cards = weights.available()
     assert list(cards) == sorted([weights.DEFAULT_MODEL, "tiny_gray"])

@@ -39,6 +39,9 @@ __all__ = ["DEFAULT_MODEL", "ENV_FOLDER", "WeightsError", "folder", "available",
 DEFAULT_MODEL = "rnan_dn_rgb"
 ENV_FOLDER = "RNAN_FAST_WEIGHTS_DIR"
 REQUIRED = ("sha256", "size", "task", "noise", "architecture", "test_gain_db")
+# A card's leading fields, in this order whatever the order of export's keyword arguments, so
+# that every card reads (and diffs) the same way: what the model is for, then how it was made.
+CARD_HEAD = ("task", "noise", "training", "test_gain_db", "measured")
 ARCHITECTURE = ("n_colors", "scale", "n_feats", "n_resgroups", "softmax_over")
 
 
@@ -180,9 +183,10 @@ def export(checkpoint: Any, name: str, target: str | os.PathLike | None = None,
     file_mode = new_file_mode()
     with atomic_write(pt, mode=file_mode) as f:
         torch.save(state, f)
-    c = {**fields, "architecture": {k: net.config[k] for k in ARCHITECTURE},
+    fields.pop("name", None)
+    c = {**{k: fields.pop(k) for k in CARD_HEAD if k in fields}, **fields,
+         "architecture": {k: net.config[k] for k in ARCHITECTURE},
          "stored_dtype": str(dtype).replace("torch.", ""), "size": pt.stat().st_size, "sha256": sha256_of(pt)}
-    c.pop("name", None)
     with atomic_write(js, mode=file_mode) as f:
         f.write((json.dumps(c, indent=2) + "\n").encode("utf-8"))
     return pt
