@@ -25,7 +25,8 @@ no autograd of their own: call them under torch.inference_mode() (``restore_tens
   each output is mapped back by the inverse transform, and the 8 are averaged.
 
 ``restore_tensor`` combines them (with an optional per-call progress callback: one call per
-tile, per quadrant, per ensemble member); ``restore_image`` wraps it for uint8 numpy images.
+tile, per quadrant, per ensemble member); ``restore_array`` wraps it for numpy images (float
+out), ``restore_image`` for uint8 out.
 
 ``auto_tile`` decides when whole-image inference on the CPU would take too long: the non-local
 blocks cost (H*W)^2 scores each, so past a few hundred pixels a side they dominate everything
@@ -42,7 +43,7 @@ from torch import Tensor
 from rnan_fast.imresize import to_uint8
 
 __all__ = ["model_scale", "model_colors", "forward_tiled", "forward_chop", "forward_x8",
-           "restore_tensor", "restore_image", "DTYPES", "nonlocal_blocks", "attention_scores",
+           "restore_tensor", "restore_array", "restore_image", "DTYPES", "nonlocal_blocks", "attention_scores",
            "attention_seconds", "cpu_attention_path", "auto_tile", "model_calls", "tile_count", "chop_calls",
            "AUTO_TILE", "AUTO_TILE_SECONDS", "CPU_NS_PER_SCORE"]
 
@@ -333,12 +334,14 @@ def restore_tensor(model, x: Tensor, tile: int | None = None, overlap: int = 32,
         return forward_x8(forward, x) if self_ensemble else forward(x)
 
 
-def restore_image(model, img: np.ndarray, device: torch.device | str = "cpu",
+def restore_array(model, img: np.ndarray, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32, **kwargs) -> np.ndarray:
-    """Restore one image. img: (H, W) or (H, W, C) array on the 0..255 scale (uint8 or float);
-    returns uint8 (H', W') or (H', W', C') (H' = scale*H), rounded half away from zero and clamped
-    to 0..255. The model must already be on `device` in `dtype`; kwargs go to restore_tensor.
-    Raises FloatingPointError (an ArithmeticError) when the output holds NaN or inf."""
+    """Restore one image without quantising. img: (H, W) or (H, W, C) array on the 0..255 scale
+    (uint8 or float, e.g. a 16-bit photo divided by 257); returns float32 (H', W') or
+    (H', W', C') (H' = scale*H), neither rounded nor clamped, so that detail finer than one 8-bit
+    step survives for 16-bit outputs. The model must already be on `device` in `dtype`; kwargs
+    go to restore_tensor. Raises FloatingPointError (an ArithmeticError) when the output holds
+    NaN or inf."""
     a = np.asarray(img, dtype=np.float32)
     gray = a.ndim == 2
     t = torch.from_numpy(np.ascontiguousarray(a[None, None] if gray else a.transpose(2, 0, 1)[None]))
@@ -347,5 +350,11 @@ def restore_image(model, img: np.ndarray, device: torch.device | str = "cpu",
     if not np.isfinite(y).all():
         hint = " (fp16 overflow? try bf16 or fp32)" if dtype == torch.float16 else ""
         raise FloatingPointError(f"the model produced non-finite values{hint}")
-    y = to_uint8(y)
     return y[0] if y.shape[0] == 1 else y.transpose(1, 2, 0)
+
+
+def restore_image(model, img: np.ndarray, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32, **kwargs) -> np.ndarray:
+    """restore_array, then rounded half away from zero and clamped to uint8 (H', W') or
+    (H', W', C')."""
+    return to_uint8(restore_array(model, img, device=device, dtype=dtype, **kwargs))
