@@ -2,6 +2,7 @@
 
     python benchmarks/instruction_mix.py                      # column forward, pass 2, bf16, d = 32
     python benchmarks/instruction_mix.py --kernel _col_lse_kernel --dtype fp32 --d 64
+    python benchmarks/instruction_mix.py --defaults       # untuned defaults for sm_80-89 (_SM8X_DEFAULTS)
 
 For each config of the kernel's tuning list: the SASS instructions per score of its largest loop
 (per thread per iteration x threads / scores per iteration), the MUFU (ex2) instructions per
@@ -37,10 +38,12 @@ DTYPES = ("fp32", "fp16", "bf16")      # Triton's names, as pointer types take t
 _INSTR = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+(?:\.[A-Z0-9_.]+)?)(.*)")
 
 
-def compile_sm90(kernel, config: triton.Config, dtype: str, d: int, prec: str, stats_per_key: bool = True):
-    """Compile an autotuned kernel of kernels/nonlocal_attention.py for sm_90 with `config`, as the
-    launcher specialises it: contiguous (B, N, d) inputs (unit last stride, other strides and all
-    pointers multiples of 16) and an N of no known divisibility."""
+def compile_for(kernel, config: triton.Config, dtype: str, d: int, prec: str, stats_per_key: bool = True,
+                capability: int = 90):
+    """Compile an autotuned kernel of kernels/nonlocal_attention.py for sm_`capability` (75, 80,
+    86, 89, 90: 10 * major + minor) with `config`, as the launcher specialises it: contiguous
+    (B, N, d) inputs (unit last stride, other strides and all pointers multiples of 16) and an N
+    of no known divisibility."""
     fn = kernel.fn
     consts = {"D": d, "DV": d, "PREC": prec, "STATS_PER_KEY": stats_per_key, **config.kwargs}
     sig, attrs = {}, {}
@@ -58,7 +61,7 @@ def compile_sm90(kernel, config: triton.Config, dtype: str, d: int, prec: str, s
                 attrs[(i,)] = [["tt.divisibility", 16]]
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
@@ -109,7 +112,7 @@ def loops(text: str):
 def mix(kernel, config, dtype="bf16", d=32, prec="tf32", stats_per_key=True) -> dict:
     """Per-score figures of the largest innermost loop of `kernel` compiled with `config` (see the
     docstring; of the column backward's two loops over the queries, that is the dK loop)."""
-    compiled = compile_sm90(kernel, config, dtype, d, prec, stats_per_key)
+    compiled = compile_for(kernel, config, dtype, d, prec, stats_per_key)
     text = sass(compiled)
     body = max(loops(text), key=lambda c: sum(c.values()))
     per_thread = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] / (32 * config.num_warps)
@@ -122,6 +125,42 @@ def mix(kernel, config, dtype="bf16", d=32, prec="tf32", stats_per_key=True) -> 
             "moves_in_loop": sum(v for k, v in body.items() if k.split(".")[0] in ("STS", "SHFL"))}
 
 
+KINDS = {"fp16": ("fp16", "tf32"), "bf16": ("bf16", "tf32"), "tf32": ("fp32", "tf32"), "tf32x3": ("fp32", "tf32x3"),
+         "ieee": ("fp32", "ieee")}      # operand kind -> (Triton dtype, dot precision)
+TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def fits(compiled, capability: int) -> bool:
+    """No register spills, and shared memory within sm_`capability`'s (K.SHARED_MEMORY)."""
+    r = resources(compiled)
+    return r["spill_bytes"] == 0 and r["shared_bytes"] <= K.SHARED_MEMORY[capability]
+
+
+SM8X_TARGETS = tuple((capability, d) for capability in (80, 86, 89) for d in K.HEAD_DIMS)
+
+
+def first_fitting(name: str, kind: str, stats_per_key: bool, targets=SM8X_TARGETS):
+    """The first config, of the sm_90 default at d = 64 and then ever smaller tiles (area, then
+    stages, then warps, descending) of its list and of 16-64 x 16-64 tiles with 4 or 8 warps and
+    1-2 stages, that compiles without spills and within the GPU's shared memory for every
+    (capability, head dim) of `targets` (ptxas spills differ between sm_80 and sm_86, and are not
+    monotone in d). Returns the entry tuple, or None."""
+    import torch
+
+    dtype, prec = KINDS[kind]
+    first = K.default_config(name, getattr(torch, TORCH_DTYPES[dtype]), prec, 64)
+    head = K.config_tile(first)
+    tail = (first.kwargs["POLY_PART"],) if "POLY_PART" in first.kwargs else ()
+    small = [(a, b, w, st) for a in (64, 32, 16) for b in (64, 32, 16) for w in (4, 8) for st in (1, 2)]
+    smaller = {tuple(e[:4]) for e in K._ENTRIES[name] + small if e[0] * e[1] <= head[0] * head[1]} - {head}
+    for entry in [head] + sorted(smaller, key=lambda e: (-e[0] * e[1], -e[3], -e[2])):
+        config = K._configs([entry + tail])[0]
+        if all(fits(compile_for(getattr(K, name), config, dtype, d, prec, stats_per_key, capability), capability)
+               for capability, d in targets):
+            return entry + tail
+    return None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernel", default="_fwd_known_lse_kernel",
@@ -132,9 +171,22 @@ def main(argv=None):
     ap.add_argument("--prec", default="tf32", choices=["tf32", "tf32x3", "ieee"],
                     help="dot precision of fp32 inputs (ignored for fp16/bf16)")
     ap.add_argument("--row-mode", action="store_true", help="backward kernels: row softmax (default column)")
+    ap.add_argument("--defaults", action="store_true",
+                    help="instead: for each kernel, operand kind and softmax mode, the first config that "
+                         "compiles for sm_80, sm_86 and sm_89 at d = 16, 32 and 64 without spills and within "
+                         "their shared memory (the entries of _SM8X_DEFAULTS)")
+    ap.add_argument("--only", nargs="*", default=None, metavar="KERNEL:MODE:KIND",
+                    help="with --defaults: just these entries, e.g. _bwd_kv_kernel:row:fp16")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        ap.error("unset TRITON_INTERPRET: this compiles for sm_90")
+        ap.error("unset TRITON_INTERPRET: this compiles for real GPUs")
+    if args.defaults:
+        for name in ap._option_string_actions["--kernel"].choices:
+            for mode in (("col", "row") if name.startswith("_bwd") else ("col",)):
+                for kind in KINDS:
+                    if args.only is None or f"{name}:{mode}:{kind}" in args.only:
+                        print(f"{name} {mode} {kind}: {first_fitting(name, kind, mode == 'col')}", flush=True)
+        return
     kernel = getattr(K, args.kernel)
     print(f"{args.kernel} {args.dtype} d={args.d} prec={args.prec}: milli-clocks per score per SM")
     print(f"{'config':<44} {'instr':>6} {'ex2':>5} {'issue':>6} {'MUFU':>6} {'bound':>6} {'smem':>7} spill moves")

@@ -179,6 +179,18 @@ bool cuda_compiled() {
 #endif
 }
 
+// The GPU architectures the CUDA kernels were compiled for, as 10 * major + minor: (SASS, PTX).
+// setup.py passes them as comma lists; empty when built without CUDA.
+#ifndef RNAN_FAST_CUDA_SASS
+#define RNAN_FAST_CUDA_SASS
+#endif
+#ifndef RNAN_FAST_CUDA_PTX
+#define RNAN_FAST_CUDA_PTX
+#endif
+std::pair<std::vector<int64_t>, std::vector<int64_t>> cuda_archs() {
+  return {std::vector<int64_t>{RNAN_FAST_CUDA_SASS}, std::vector<int64_t>{RNAN_FAST_CUDA_PTX}};
+}
+
 TORCH_LIBRARY(rnan_fast, m) {
   // Fakes (for torch.compile) and the autograd formula of these ops are registered in Python,
   // in this module. Ops defined later with their fakes elsewhere belong in a
@@ -197,6 +209,8 @@ TORCH_LIBRARY_IMPL(rnan_fast, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("cuda_compiled", &rnan_fast::cuda_compiled, "whether the CUDA kernels were compiled in");
+  module.def("cuda_archs", &rnan_fast::cuda_archs,
+             "([SASS], [PTX]) GPU architectures (10 * major + minor) the CUDA kernels were compiled for");
   module.def("cpu_attention_isa", &rnan_fast::cpu_attention_isa,
              "the inner loops of the CPU attention kernel: 'avx512' or 'portable'");
   module.def("set_cpu_attention_isa", &rnan_fast::set_cpu_attention_isa,

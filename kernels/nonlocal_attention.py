@@ -78,8 +78,12 @@ GPU run shows tf32x3 outside the tests' tolerance), "high"/"medium" (new API: "t
 Tuning: on a GPU every kernel is autotuned over 8-13 block/warp/stage configs, keyed on
 (N bucket = next power of two, D, DV, dot precision, softmax mode, dtypes);
 RNAN_FAST_AUTOTUNE_MAX=k bounds the candidates to k (the default first). RNAN_FAST_AUTOTUNE=0 at
-import skips tuning: each launch takes `default_config` for its operands, spill-free on sm_90
-(the GPU tests use it to keep compile time down). Tuning benchmarks (and syncs), so run each new
+import skips tuning: each launch takes `default_config` for its operands and GPU, spill-free and
+within the shared memory of sm_80, sm_86, sm_89 and sm_90 (the GPU tests use it to keep compile
+time down). Tuning skips, before compiling them, the candidates whose shared memory
+(`shared_bytes_bound`) exceeds the GPU's. Below sm_80 Triton has no tensor-core dots (its dots
+compile to FMAs there), so rnan_fast runs the attention on the reference on such GPUs.
+Tuning benchmarks (and syncs), so run each new
 shape once eagerly before capturing a CUDA graph. Under TRITON_INTERPRET=1 (CPU tests) one small
 asymmetric config (BLOCK_M=32, BLOCK_N=16) is used and nothing is tuned (pass 2 has one per
 POLY_PART; the tests force each with `forced_config`).
@@ -170,6 +174,45 @@ _DEFAULT_OVERRIDES: dict[tuple[str, str, int], tuple] = {
     **{(name, "ieee", d): e for d, entries in _IEEE.items() for name, e in entries.items()},
 }
 
+# Untuned defaults on GPUs without sm_90's wgmma dots or its 227 KB of shared memory a block
+# (sm_80, sm_86, sm_89; see _device_limits): {(kernel, operand kind, softmax mode): entry}, for
+# every head dim. Each is the first config, of the sm_90 default at d = 64 and then ever smaller
+# tiles, that ptxas compiles without spills and within the shared memory for each of sm_80, sm_86
+# and sm_89 at d = 16, 32 and 64 (`python benchmarks/instruction_mix.py --defaults`, triton 3.8:
+# spills differ between sm_80 and sm_86 and are not monotone in d); tests/test_gpu_arch.py
+# compiles every one for each of these.
+# Without wgmma, dot operands pass through registers: the backward's tiles shrink most (tf32 at
+# d = 64: _bwd_kv_kernel's sm_90 default spills 504 B per thread on sm_80). Softmax mode: "col" (STATS_PER_KEY,
+# the official column softmax) or "row"; the forward kernels serve one mode each, under "col".
+_SM8X_DEFAULTS: dict[tuple[str, str, str], tuple] = {
+    **{("_fwd_row_kernel", kind, "col"): (128, 64, 8, 3) for kind in ("fp16", "bf16", "tf32")},
+    ("_fwd_row_kernel", "tf32x3", "col"): (16, 64, 8, 2), ("_fwd_row_kernel", "ieee", "col"): (32, 16, 8, 2),
+    ("_col_lse_kernel", "fp16", "col"): (64, 128, 4, 3), ("_col_lse_kernel", "bf16", "col"): (64, 128, 4, 3),
+    ("_col_lse_kernel", "tf32", "col"): (64, 128, 8, 3), ("_col_lse_kernel", "tf32x3", "col"): (32, 64, 4, 2),
+    ("_col_lse_kernel", "ieee", "col"): (32, 16, 8, 1),
+    **{("_fwd_known_lse_kernel", kind, "col"): (128, 64, 8, 3, 0) for kind in ("fp16", "bf16", "tf32")},
+    ("_fwd_known_lse_kernel", "tf32x3", "col"): (32, 64, 8, 1, 0),
+    ("_fwd_known_lse_kernel", "ieee", "col"): (16, 16, 8, 1, 0),
+    ("_bwd_kv_kernel", "fp16", "col"): (32, 64, 8, 2), ("_bwd_kv_kernel", "bf16", "col"): (32, 64, 8, 2),
+    ("_bwd_kv_kernel", "tf32", "col"): (64, 32, 8, 1), ("_bwd_kv_kernel", "tf32x3", "col"): (32, 16, 8, 1),
+    ("_bwd_kv_kernel", "ieee", "col"): (16, 16, 8, 1),
+    ("_bwd_kv_kernel", "fp16", "row"): (64, 64, 4, 2), ("_bwd_kv_kernel", "bf16", "row"): (64, 64, 4, 2),
+    ("_bwd_kv_kernel", "tf32", "row"): (64, 32, 8, 2), ("_bwd_kv_kernel", "tf32x3", "row"): (32, 16, 4, 1),
+    ("_bwd_kv_kernel", "ieee", "row"): (16, 16, 8, 1),
+    ("_bwd_q_kernel", "fp16", "col"): (128, 64, 8, 2), ("_bwd_q_kernel", "bf16", "col"): (128, 64, 8, 2),
+    ("_bwd_q_kernel", "tf32", "col"): (64, 32, 8, 2), ("_bwd_q_kernel", "tf32x3", "col"): (16, 32, 4, 1),
+    ("_bwd_q_kernel", "ieee", "col"): (16, 16, 8, 1),
+    ("_bwd_q_kernel", "fp16", "row"): (128, 64, 8, 2), ("_bwd_q_kernel", "bf16", "row"): (128, 64, 8, 2),
+    ("_bwd_q_kernel", "tf32", "row"): (64, 32, 8, 2), ("_bwd_q_kernel", "tf32x3", "row"): (16, 32, 4, 1),
+    ("_bwd_q_kernel", "ieee", "row"): (16, 16, 8, 1),
+}
+_SM8X = 80
+_SM90 = 90
+
+# Shared memory one block may use (the opt-in maximum), bytes, by compute capability: what
+# every untuned default must fit (CUDA C Programming Guide, technical specifications).
+SHARED_MEMORY = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+
 _KEY = ["N_BUCKET", "D", "DV", "PREC"]
 # The backward kernels serve both softmax modes, whose loops differ: tune them apart.
 _BWD_KEY = _KEY + ["STATS_PER_KEY"]
@@ -200,15 +243,54 @@ _TUNE_MAX = tuning_limit()
 _FORCED: dict = {}                               # kernel -> the Config forced_config set
 
 
+def shared_bytes_bound(name: str, config: triton.Config, dtype: torch.dtype, prec: str, d: int, dv: int) -> int:
+    """An upper bound of the shared memory (bytes) kernel `name` takes with `config`, before
+    compiling it: the block's own tiles, num_stages of the streamed ones (Triton's pipeline
+    buffers) and 4 KiB for Triton's reductions; for tf32x3 / ieee dots, whose operands are
+    converted through shared memory on sm_80-89, also the fp32 score tile and the own tiles once
+    more (compiled for sm_80: up to 8 KiB above the tiles plus the score tile). Checked against
+    what ptxas allots by tests/test_gpu_arch.py (sm_80-89) and tests/test_instruction_mix.py (sm_90)."""
+    bm, bn, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
+    own, streamed, own_width, streamed_width = {
+        "_fwd_row_kernel": (bm, bn, d, d + dv), "_fwd_known_lse_kernel": (bm, bn, d, d + dv),
+        "_col_lse_kernel": (bn, bm, d, d), "_bwd_kv_kernel": (bn, bm, d + dv, d + dv),
+        "_bwd_q_kernel": (bm, bn, d + dv, d + dv)}[name]
+    converted = operand_kind(dtype, prec) in ("tf32x3", "ieee")
+    own_bytes = dtype.itemsize * own * own_width
+    extra = 4 * bm * bn + own_bytes if converted else 0
+    return own_bytes + dtype.itemsize * stages * streamed * streamed_width + extra + 4096
+
+
+@functools.cache
+def _device_limits(index: int) -> tuple[int, int]:
+    """(default table: _SM90 or _SM8X, shared memory per block in bytes) of CUDA device `index`:
+    sm_90's defaults on GPUs with its wgmma dots (major >= 9) and its 227 KB, else sm_8x's."""
+    major, _ = torch.cuda.get_device_capability(index)
+    smem = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    return (_SM90 if major >= 9 and smem >= SHARED_MEMORY[90] else _SM8X), smem
+
+
+def _limits(t: torch.Tensor) -> tuple[int, int]:
+    """_device_limits of t's GPU; sm_90's for CPU tensors (the interpreter, which has no limits)."""
+    return _device_limits(t.device.index) if t.is_cuda else (_SM90, SHARED_MEMORY[90])
+
+
 def _prune(name, configs, named_args, **kwargs):
-    """The candidates of kernel `name` worth timing: no POLY_PART > 0 under fp32 "highest"
-    (_known_lse_step ignores POLY_PART there); with RNAN_FAST_AUTOTUNE_MAX=k, the operands'
-    default first, then the others in list order, k in all."""
-    kept = [c for c in configs if kwargs["PREC"] == "tf32" or not c.kwargs.get("POLY_PART", 0)]
-    if _TUNE_MAX is None:
-        return kept
-    default = default_config(name, named_args["Q"].dtype, kwargs["PREC"], max(kwargs["D"], kwargs["DV"]))
-    return ([default] + [c for c in kept if c.all_kwargs() != default.all_kwargs()])[:_TUNE_MAX]
+    """The candidates of kernel `name` worth timing on the inputs' GPU: none whose shared memory
+    (shared_bytes_bound) exceeds the GPU's, so that none fails to launch or is compiled in vain;
+    no POLY_PART > 0 under fp32 "highest" (_known_lse_step ignores POLY_PART there); with
+    RNAN_FAST_AUTOTUNE_MAX=k, the operands' default first, then the others in list order, k in all.
+    The default, which fits every GPU of its table, stands in when nothing else is left."""
+    q = named_args["Q"]
+    table, smem = _limits(q)
+    default = default_config(name, q.dtype, kwargs["PREC"], max(kwargs["D"], kwargs["DV"]),
+                             kwargs.get("STATS_PER_KEY", True), table)
+    kept = [c for c in configs if (kwargs["PREC"] == "tf32" or not c.kwargs.get("POLY_PART", 0))
+            and shared_bytes_bound(name, c, q.dtype, kwargs["PREC"], kwargs["D"], kwargs["DV"]) <= smem]
+    if _TUNE_MAX is not None:
+        kept = [default] + [c for c in kept if c.all_kwargs() != default.all_kwargs()]
+        return kept[:_TUNE_MAX]
+    return kept or [default]
 
 
 _ENTRIES: dict[str, list] = {}       # kernel name -> its candidate tuples, in preference order
@@ -229,10 +311,17 @@ def operand_kind(dtype: torch.dtype, prec: str) -> str:
 
 
 @functools.cache
-def default_config(name: str, dtype: torch.dtype, prec: str, d: int) -> triton.Config:
-    """The untuned config of kernel `name` for operands of `dtype` with dot precision `prec` and
-    head dims up to `d`: spill-free on sm_90 in both softmax modes (see _DEFAULT_OVERRIDES)."""
-    entry = _DEFAULT_OVERRIDES.get((name, operand_kind(dtype, prec), d), _ENTRIES[name][0])
+def default_config(name: str, dtype: torch.dtype, prec: str, d: int, stats_per_key: bool = True,
+                   table: int = _SM90) -> triton.Config:
+    """The untuned config of kernel `name` for operands of `dtype` with dot precision `prec`, head
+    dims up to `d` and softmax mode `stats_per_key` (the backward kernels' column mode), on GPUs
+    of `table` (_SM90: sm_90; _SM8X: sm_80 to sm_89, see _device_limits): spill-free there and
+    within their shared memory (see _DEFAULT_OVERRIDES and _SM8X_DEFAULTS)."""
+    kind = operand_kind(dtype, prec)
+    if table == _SM8X:
+        entry = _SM8X_DEFAULTS[(name, kind, "col" if stats_per_key else "row")]
+    else:
+        entry = _DEFAULT_OVERRIDES.get((name, kind, d), _ENTRIES[name][0])
     return _configs([entry])[0]
 
 
@@ -249,10 +338,12 @@ def forced_config(kernel, config: triton.Config):
 
 def _launch(kernel, grid, *args, **meta):
     """Launch `kernel` of this module: the forced config, else tuned (`tuning_enabled`), else
-    its default for these operands (args[0] is Q: its dtype, with PREC, gives the operand kind)."""
+    its default for these operands on their GPU (args[0] is Q: its dtype, with PREC, gives the
+    operand kind; its device the table of defaults)."""
     config = _FORCED.get(kernel)
     if config is None and not _TUNE:
-        config = default_config(kernel.base_fn.__name__, args[0].dtype, meta["PREC"], max(meta["D"], meta["DV"]))
+        config = default_config(kernel.base_fn.__name__, args[0].dtype, meta["PREC"], max(meta["D"], meta["DV"]),
+                                meta.get("STATS_PER_KEY", True), _limits(args[0])[0])
     if config is None:
         kernel[grid](*args, **meta)
     else:

@@ -26,7 +26,11 @@ no autograd of their own: call them under torch.inference_mode() (``restore_tens
 
 ``restore_tensor`` combines them (with an optional per-call progress callback: one call per
 tile, per quadrant, per ensemble member); ``restore_array`` wraps it for numpy images (float
-out), ``restore_image`` for uint8 out.
+out), ``restore_image`` for uint8 out. Given a `device`, restore_tensor keeps the image where
+it is (the host) and moves only what one model call takes (a tile, a quadrant, a whole image)
+to the device and its output back, so tiled inference holds one tile on the GPU and the image
+size is bounded by host memory. Given `oom_retry`, a CUDA out-of-memory error reruns the image
+in tiles of half the side that failed, halving until it fits (``OOM_MIN_TILE``).
 
 ``auto_tile`` decides when whole-image inference on the CPU would take too long: the non-local
 blocks cost (H*W)^2 scores each, so past a few hundred pixels a side they dominate everything
@@ -45,7 +49,7 @@ from rnan_fast.imresize import to_uint8
 __all__ = ["model_scale", "model_colors", "forward_tiled", "forward_chop", "forward_x8",
            "restore_tensor", "restore_array", "restore_image", "DTYPES", "nonlocal_blocks", "attention_scores",
            "attention_seconds", "cpu_attention_path", "auto_tile", "model_calls", "tile_count", "chop_calls",
-           "AUTO_TILE", "AUTO_TILE_SECONDS", "CPU_NS_PER_SCORE"]
+           "AUTO_TILE", "AUTO_TILE_SECONDS", "CPU_NS_PER_SCORE", "OOM_MIN_TILE"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -301,24 +305,72 @@ def _counting(model: Forward, total: int, progress: Progress) -> Forward:
     return forward
 
 
+# The smallest tile an out-of-memory retry tries: a 64x64 tile of RNAN holds 1 MiB per 64-channel
+# fp32 feature map, so a GPU that cannot take it has no memory to speak of, and smaller tiles
+# would mostly be overlap (32 pixels by default).
+OOM_MIN_TILE = 64
+
+
+def _on_device(model: Forward, device, dtype, home: torch.device) -> Forward:
+    """model with each input moved to `device` / `dtype` and each output back to `home`."""
+    def forward(v: Tensor) -> Tensor:
+        return model(v.to(device=device, dtype=dtype)).to(home)
+    return forward
+
+
 def restore_tensor(model, x: Tensor, tile: int | None = None, overlap: int = 32, chop: bool = False,
                    self_ensemble: bool = False, scale: int | None = None,
-                   progress: Progress | None = None) -> Tensor:
-    """Restore a batch. x: (B, C, H, W) float on the model's device and dtype, 0..255 values;
-    returns (B, C', scale*H, scale*W) in the model's output dtype, unclamped.
+                   progress: Progress | None = None, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None, oom_retry: Callable[[int], None] | None = None) -> Tensor:
+    """Restore a batch. x: (B, C, H, W) float, 0..255 values; returns (B, C', scale*H, scale*W)
+    in the model's output dtype, unclamped, on x's device.
 
     tile: tiled inference with tiles of `tile` input pixels overlapping by `overlap` (None:
     whole image). chop: the official forward_chop instead (not combinable with tile).
     self_ensemble: average over the 8 flips/transposes (wraps whichever of the above runs).
     scale: the model's scale (default: read from model.config / model.scale).
     progress: called as progress(done, total) after each model call (a tile, a chop quadrant,
-    a whole image; total = model_calls(...)), e.g. to drive a progress bar.
+    a whole image; total = model_calls(...)), e.g. to drive a progress bar. A retry (oom_retry)
+    counts again from 1 with its own total.
+    device, dtype: where and in what dtype the model runs (None: x's own). x stays where it is
+    (e.g. the host); each model call's input alone is moved there and its output back, so tiled
+    inference holds one tile (and its activations) on the device, never the whole image.
+    oom_retry: when given, a torch.OutOfMemoryError (CUDA) of a whole-image or tiled run frees
+    the cache and reruns the image in tiles of half the side that failed (the image's longer
+    side, or `tile`), overlap min(overlap, tile // 2), halving until it fits; oom_retry(tile) is
+    called once, before the first retry, with the first tile tried. Below OOM_MIN_TILE, and with
+    chop (the official quadrants are kept as they are), the error propagates.
     """
     if tile is not None and chop:
         raise ValueError("choose tiled inference (tile) or the official chop, not both")
     if x.dim() != 4:
         raise ValueError(f"expected a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-    s = model_scale(model) if scale is None else int(scale)
+    run = dict(overlap=overlap, chop=chop, self_ensemble=self_ensemble,
+               s=model_scale(model) if scale is None else int(scale), progress=progress)
+    if device is not None or dtype is not None:
+        model = _on_device(model, device, dtype, x.device)
+    if oom_retry is None or chop:
+        return _restore(model, x, tile, **run)
+    side = max(x.shape[-2:]) if tile is None else int(tile)
+    told = False
+    while True:
+        try:
+            return _restore(model, x, tile, **run)
+        except torch.OutOfMemoryError:
+            side //= 2
+            if side < OOM_MIN_TILE:
+                raise
+        # outside the except block: the failed attempt's tensors (held by its traceback) are gone
+        torch.cuda.empty_cache()
+        tile, run["overlap"] = side, min(overlap, side // 2)
+        if not told:
+            told = True
+            oom_retry(side)
+
+
+def _restore(model: Forward, x: Tensor, tile: int | None, overlap: int, chop: bool, self_ensemble: bool,
+             s: int, progress: Progress | None) -> Tensor:
+    """One attempt of restore_tensor (model already wrapped to take x where it is; s: its scale)."""
     if progress is not None:
         model = _counting(model, model_calls(x.shape[-2], x.shape[-1], tile, overlap, chop, self_ensemble, s),
                           progress)
@@ -339,14 +391,14 @@ def restore_array(model, img: np.ndarray, device: torch.device | str = "cpu",
     """Restore one image without quantising. img: (H, W) or (H, W, C) array on the 0..255 scale
     (uint8 or float, e.g. a 16-bit photo divided by 257); returns float32 (H', W') or
     (H', W', C') (H' = scale*H), neither rounded nor clamped, so that detail finer than one 8-bit
-    step survives for 16-bit outputs. The model must already be on `device` in `dtype`; kwargs
-    go to restore_tensor. Raises FloatingPointError (an ArithmeticError) when the output holds
-    NaN or inf."""
+    step survives for 16-bit outputs. The model must already be on `device` in `dtype`; the
+    image stays on the host and each model call's input alone goes to `device`; kwargs go to
+    restore_tensor (e.g. oom_retry). Raises FloatingPointError (an ArithmeticError) when the
+    output holds NaN or inf."""
     a = np.asarray(img, dtype=np.float32)
     gray = a.ndim == 2
     t = torch.from_numpy(np.ascontiguousarray(a[None, None] if gray else a.transpose(2, 0, 1)[None]))
-    t = t.to(device=device, dtype=dtype)
-    y = restore_tensor(model, t, **kwargs)[0].float().cpu().numpy()
+    y = restore_tensor(model, t, device=device, dtype=dtype, **kwargs)[0].float().numpy()
     if not np.isfinite(y).all():
         hint = " (fp16 overflow? try bf16 or fp32)" if dtype == torch.float16 else ""
         raise FloatingPointError(f"the model produced non-finite values{hint}")

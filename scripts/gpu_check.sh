@@ -116,7 +116,7 @@ stage_tests() {
   group attention_gpu tests/test_nonlocal_attention.py -k "gpu_"
   group gate tests/test_gated_residual.py
   group model tests/test_model_gpu.py tests/test_train*.py
-  group rest tests/test_backend.py tests/test_instruction_mix.py
+  group rest tests/test_backend.py tests/test_instruction_mix.py tests/test_gpu_arch.py tests/test_oom.py
   for pid in "${pids[@]}"; do
     wait "$pid" || rc=1
   done

@@ -49,10 +49,12 @@ class ImageRunner:
                     f"for other tiles", self.args.quiet)
         return kwargs
 
-    def run(self, img: np.ndarray, name) -> np.ndarray:
+    def run(self, img: np.ndarray, name, quantize: bool = True) -> np.ndarray:
+        """The restored image: uint8, or (quantize=False) float32 on 0..255, unrounded."""
+        import torch
         from tqdm import tqdm
 
-        from rnan_fast.inference import restore_image
+        from rnan_fast.inference import restore_array, restore_image
 
         kwargs = self.options(img, name)
         bar = None
@@ -62,10 +64,12 @@ class ImageRunner:
             if bar is None:
                 bar = tqdm(total=total, desc=getattr(name, "name", str(name)), unit=unit, leave=False,
                            delay=PROGRESS_DELAY_S, disable=self.args.quiet, file=sys.stderr, dynamic_ncols=True)
+            elif bar.total != total:  # an out-of-memory retry in smaller tiles counts anew
+                bar.reset(total=total)
             bar.update(done - bar.n)
 
         stages = _stages(self.net) if kwargs["tile"] is None and not kwargs["chop"] else []
-        hooks, progress = [], None
+        hooks = []
         if stages:
             # a whole image is one model call: count the model's stages instead (head, the
             # groups, tail), once per self-ensemble member
@@ -76,14 +80,33 @@ class ImageRunner:
                 done += 1
                 show(done, total, "stage")
             hooks = [m.register_forward_hook(tick) for m in stages]
-        else:
-            unit = "tile" if kwargs["tile"] is not None else ("quadrant" if kwargs["chop"] else "pass")
+        unit = "tile" if kwargs["tile"] is not None else ("quadrant" if kwargs["chop"] else "pass")
 
-            def progress(done: int, total: int) -> None:
-                if total > 1:  # (one pass of a model without stages: nothing to count inside it)
-                    show(done, total, unit)
+        def progress(done: int, total: int) -> None:
+            # (one pass of a model without stages: nothing to count inside it; a whole image
+            # counts its stages through the hooks, until an out-of-memory retry tiles it)
+            if total > 1 and not hooks:
+                show(done, total, unit)
+
+        def retry(tile: int) -> None:
+            """CUDA out of memory: restore_tensor reruns the image in tiles (said once per image)."""
+            nonlocal bar, unit
+            for h in hooks:
+                h.remove()
+            hooks.clear()
+            if bar is not None:
+                bar.close()
+                bar = None
+            unit = "tile"
+            tried = "whole" if kwargs["tile"] is None else f"in {kwargs['tile']}x{kwargs['tile']} tiles"
+            _report(f"{PROG}: note: {name} ({img.shape[1]}x{img.shape[0]}) ran out of GPU memory {tried}: retrying "
+                    f"in {tile}x{tile} tiles, halved until they fit (--tile N chooses the tiles)", self.args.quiet)
+
+        oom_retry = retry if torch.device(self.device).type == "cuda" else None
         try:
-            return restore_image(self.net, img, device=self.device, dtype=self.dtype, progress=progress, **kwargs)
+            restore = restore_image if quantize else restore_array
+            return restore(self.net, img, device=self.device, dtype=self.dtype, progress=progress,
+                           oom_retry=oom_retry, **kwargs)
         finally:
             for h in hooks:
                 h.remove()

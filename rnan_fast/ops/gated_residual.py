@@ -29,8 +29,13 @@ def _extension_why_not(t: Tensor, explicit: bool) -> str:
         return f"the extension rnan_fast._C is not built ({_ext.EXTENSION_ERROR})"
     if t.dtype not in EXTENSION_DTYPES:
         return f"the extension takes float32, float16, bfloat16 or float64 tensors (got {t.dtype})"
-    if t.device.type == "cpu" or (t.is_cuda and _ext.EXTENSION_CUDA):
+    if t.device.type == "cpu":
         return ""
+    if t.is_cuda and _ext.EXTENSION_CUDA:
+        reason = _ext.gate_cuda_why_not(t.device.index)   # compiled for this GPU's architecture?
+        if reason and not explicit:
+            _ext.warn_fallback("gated_residual", t.device, reason)
+        return reason
     return f"the extension has no kernel for {t.device} tensors (built with CUDA: {_ext.EXTENSION_CUDA})"
 
 
@@ -137,8 +142,9 @@ def gated_residual(x: Tensor, mask_logits: Tensor, trunk: Tensor, backend: str |
     """x + sigmoid(mask_logits) * trunk for three tensors of one shape, dtype and device.
 
     backend: None (global setting), "auto", "reference", "extension" (or "fast"). "auto" takes
-    the extension for CPU tensors, and for CUDA tensors when it was built with CUDA, in
-    float32 / float16 / bfloat16 / float64; otherwise the reference.
+    the extension for CPU tensors, and for CUDA tensors when it was built with CUDA for the GPU's
+    architecture (else the reference, with a warning once per GPU: rnan_fast.backend_info()
+    ["cuda_devices"] says why), in float32 / float16 / bfloat16 / float64; otherwise the reference.
     The output has x's memory format (channels_last in, channels_last out). Under autocast,
     inputs of different float dtypes are first cast to the widest of them.
     """

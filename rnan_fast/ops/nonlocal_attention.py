@@ -8,7 +8,8 @@ Math: ../reference.py (module docstring). Kernels:
   "triton"     rnan_fast.kernels.nonlocal_attention: CUDA tensors, or CPU tensors under
                TRITON_INTERPRET=1; head dims 16, 32, 64, fp32 / fp16 / bf16.
 "auto" takes the Triton kernel for CUDA tensors and the extension for CPU tensors where they
-apply, the reference elsewhere (float64, fp16 on the CPU, head dims Triton lacks). An explicit
+apply, the reference elsewhere (float64, fp16 on the CPU, head dims Triton lacks, GPUs older than
+sm_80: the latter with a warning once per GPU). An explicit
 "triton" or "extension" (or "fast") raises instead: RuntimeError when the kernel cannot run here
 (not built, wrong device), TypeError / ValueError for a dtype or head dim it does not take.
 
@@ -36,6 +37,12 @@ def _triton_why_not(theta: Tensor, phi: Tensor, g: Tensor, explicit: bool) -> st
     if not (theta.is_cuda or (explicit and theta.device.type == "cpu" and _ext.triton_interpret())):
         return (f"the Triton kernel runs on CUDA tensors (got {theta.device}; TRITON_INTERPRET=1 runs it "
                 "on the CPU for tests)")
+    if theta.is_cuda:
+        reason = _ext.triton_cuda_why_not(theta.device.index)   # a GPU the kernels support?
+        if reason:
+            if not explicit:
+                _ext.warn_fallback("nonlocal_attention", theta.device, reason)
+            return reason
     if not explicit:
         # "auto" takes the reference for shapes/dtypes the kernel lacks; an explicit request
         # gets the kernel's own ValueError/TypeError instead (see nonlocal_attention).

@@ -40,7 +40,7 @@ from rnan_fast.train import datasets as DS
 from rnan_fast.train import distributed
 from rnan_fast.train.step import PRECISIONS, make_optimizer, make_train_step
 
-__all__ = ["TrainConfig", "ConfigError", "NonFiniteLoss", "Interrupted", "RUN_KEYS", "resolve_config",
+__all__ = ["TrainConfig", "ConfigError", "OutOfMemory", "NonFiniteLoss", "Interrupted", "RUN_KEYS", "resolve_config",
            "learning_rate", "run"]
 
 SCHEDULES = ("step", "cosine")
@@ -48,6 +48,19 @@ SCHEDULES = ("step", "cosine")
 
 class ConfigError(ValueError):
     """A configuration that cannot run, or that contradicts the checkpoint it resumes."""
+
+
+class OutOfMemory(ConfigError):
+    """A training step ran out of GPU memory: the message names the batch and patch sizes to lower."""
+
+    def __init__(self, cfg: "TrainConfig", step: int, device, world_size: int, error: BaseException):
+        per_rank = f" ({cfg.batch_size // world_size} per process)" if world_size > 1 else ""
+        side = cfg.patch_size * cfg.model_scale
+        hr = f", HR {side}x{side}" if cfg.model_scale > 1 else ""
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        super().__init__(f"out of GPU memory on {device} in training step {step} with --batch-size {cfg.batch_size}"
+                         f"{per_rank} and --patch-size {cfg.patch_size} ({cfg.patch_size}x{cfg.patch_size}{hr}): "
+                         f"lower --batch-size or --patch-size ({first})")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -558,7 +571,10 @@ def _run(cfg, d, resume, quiet, message, state) -> dict:
         with _Signals() as signals:
             for step_index, (lq, gt) in zip(range(start, cfg.steps), loader):
                 _set_lr(optimizer, learning_rate(cfg, step_index))
-                pending.append(step_fn(lq, gt))
+                try:
+                    pending.append(step_fn(lq, gt))
+                except torch.OutOfMemoryError as e:   # (the first step also captures the CUDA graph)
+                    raise OutOfMemory(cfg, step_index + 1, device, d.world_size, e) from None
                 if ema_pairs is not None:
                     with torch.no_grad():
                         torch._foreach_lerp_(ema_pairs[0], ema_pairs[1], 1.0 - cfg.ema)
