@@ -3,6 +3,7 @@
     net = RNAN(n_colors=3, scale=1, n_feats=64, n_resgroups=10)   # keywords
     net = RNAN(args)                                              # official-style namespace
     net = RNAN.from_checkpoint("RNAN_DN_RGB.pt")                  # configuration from the weights
+    net = RNAN.from_checkpoint("rnan_dn_rgb.safetensors")         # safetensors files too (no pickle)
 
 scale 1 builds the denoising form (also CAR and demosaicking): out = x + tail(body(head(x))).
 scale 2, 3, 4 (or any power of two) builds the SR form: mean shifts, a long feature skip and a
@@ -10,9 +11,11 @@ sub-pixel upsampler in the tail.
 """
 from __future__ import annotations
 
+import json
 import numbers
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rnan_fast import _ext
 from rnan_fast.modules import DIV2K_RGB_MEAN, MeanShift, ResGroup, Upsampler, default_conv
 from rnan_fast.reference import check_softmax_over
 
@@ -33,6 +37,8 @@ SHAPE_KEYS = ("n_colors", "scale", "n_feats", "n_resgroups")
 _WRAPPER_KEYS = ("state_dict", "model", "params")
 # The "format" entry of a rnan_fast.train checkpoint: {"model": ..., "ema": ... or None, ...}.
 TRAINING_FORMAT = "rnan_fast.train/1"
+# The safetensors metadata entry that holds an RNAN's `config` as JSON (safetensors_bytes writes it).
+CONFIG_METADATA = "rnan_fast.config"
 
 
 class CheckpointError(ValueError):
@@ -98,6 +104,21 @@ def _first_scale(scale: Any) -> Any:
     return scale
 
 
+def _warn_without_extension() -> None:
+    """One warning per process when rnan_fast._C is missing (a pure-Python install:
+    RNAN_FAST_NO_EXT=1, or a checkout used without building): every op then runs on the
+    reference, which took 10x the time of the C++ kernels for a whole 256x256 image on the CPU
+    (695 vs 69.8 s, README)."""
+    global _warned
+    if not _ext.EXTENSION and not _warned:
+        _warned = True
+        warnings.warn(f"rnan_fast: running without the compiled kernels ({_ext.EXTENSION_ERROR}); the ops use "
+                      f"the pure-PyTorch reference, about 10x slower on a CPU", RuntimeWarning, stacklevel=3)
+
+
+_warned = False   # _warn_without_extension has warned in this process
+
+
 class RNAN(nn.Module):
     """Residual Non-local Attention Network (Zhang et al., ICLR 2019).
 
@@ -140,6 +161,7 @@ class RNAN(nn.Module):
             if isinstance(config[key], numbers.Integral) and not isinstance(config[key], bool):
                 config[key] = int(config[key])
         _check_config(**config)
+        _warn_without_extension()
         self.config = config
         n_colors, scale, n_feats, n_resgroups, rgb_range, softmax_over = (config[k] for k in _DEFAULTS)
         self.task = "sr" if scale > 1 else "denoise"
@@ -181,34 +203,45 @@ class RNAN(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path_or_state_dict: str | os.PathLike | Mapping, map_location: Any = "cpu",
-                        softmax_over: str = "query", *, weights_only: bool = True,
+                        softmax_over: str | None = None, *, weights_only: bool = True,
                         n_colors: int | None = None, scale: int | None = None, n_feats: int | None = None,
                         n_resgroups: int | None = None, rgb_range: float | None = None) -> "RNAN":
         """Build an RNAN whose configuration is read off an official-format state dict, and load it.
 
-        path_or_state_dict: a file saved with torch.save, or an in-memory dict. A state dict
-            nested under "state_dict", "model" or "params" is unwrapped, and a "module."
-            (DataParallel) prefix is stripped. A `rnan-fast train` checkpoint (last.pt,
+        path_or_state_dict: a file saved with torch.save, a .safetensors file, or an in-memory
+            dict. A state dict nested under "state_dict", "model" or "params" is unwrapped, and a
+            "module." (DataParallel) prefix is stripped. A `rnan-fast train` checkpoint (last.pt,
             best.pt) gives its EMA weights when the run kept an EMA, else its model weights.
         map_location: passed to torch.load; a device (str or torch.device) also places the model.
-        softmax_over: "query" (official) or "key" for the non-local attention.
+        softmax_over: "query" (official) or "key" for the non-local attention; None: the one a
+            safetensors file's metadata records (rnan_fast.weights writes it), else "query".
         weights_only: torch.load's safe mode (tensors and plain containers only). Pass False only
-            for a file you trust that also pickles other Python objects.
+            for a file you trust that also pickles other Python objects. (A safetensors file
+            holds no code: it is always safe.)
         n_colors, scale, n_feats, n_resgroups: inferred when None; a value given here is what
             the weights must fit (a checkpoint for another configuration is then reported).
-        rgb_range: the input range; default: read off the SR mean shift, else 255.
+        rgb_range: the input range; default: a safetensors file's metadata, else read off the SR
+            mean shift, else 255.
 
         Inferred: n_colors and n_feats from head.0.weight, n_resgroups from the number of
-        body.<i> groups (+ 2 non-local groups), scale from the tail upsampler. The result's
-        `config` holds them. Loading is strict; any missing, unexpected or mis-shaped key raises
-        CheckpointError (a ValueError) listing them all.
+        body.<i> groups (+ 2 non-local groups), scale from the tail upsampler. A safetensors
+        file's metadata config must agree with them (else CheckpointError) and supplies what the
+        shapes cannot tell (rgb_range, softmax_over). The result's `config` holds them. Loading
+        is strict; any missing, unexpected or mis-shaped key raises CheckpointError (a
+        ValueError) listing them all.
         """
         state_dict, source = read_checkpoint(path_or_state_dict, map_location, weights_only)
         inferred = infer_config(state_dict, source)
+        stored = stored_config(path_or_state_dict)
+        differ = [f"{k}: metadata {stored[k]!r}, tensors {inferred[k]!r}" for k in SHAPE_KEYS
+                  if k in stored and stored[k] != inferred[k]]
+        if differ:
+            raise CheckpointError(f"{source}: the config in the file's metadata does not fit its tensors "
+                                  f"({'; '.join(differ)})")
         given = {"n_colors": n_colors, "scale": scale, "n_feats": n_feats, "n_resgroups": n_resgroups,
-                 "rgb_range": rgb_range}
-        config = {**inferred, **{k: v for k, v in given.items() if v is not None}}
-        net = cls(**config, softmax_over=softmax_over)
+                 "rgb_range": rgb_range, "softmax_over": softmax_over}
+        config = {**inferred, **stored, **{k: v for k, v in given.items() if v is not None}}
+        net = cls(**config)
         hint = ""
         if any(config[k] != inferred[k] for k in SHAPE_KEYS):
             hint = f"\n  (the weights look like {_describe(inferred)})"
@@ -224,6 +257,8 @@ class RNAN(nn.Module):
         name: see `RNAN.pretrained_models()` (default: the color denoiser,
         rnan_fast.weights.DEFAULT_MODEL). The file's SHA-256 is checked against its model card;
         rnan_fast.weights.WeightsError (a ValueError) names the file and what differs."""
+        # Imported here: the zoo imports this module at its top (it builds models), never the
+        # other way round at import time.
         from rnan_fast import weights
 
         return weights.load(name, device)
@@ -273,7 +308,8 @@ def make_model(args: Any, parent: bool = False) -> RNAN:
 
 def read_checkpoint(path_or_state_dict: str | os.PathLike | Mapping, map_location: Any = "cpu",
                     weights_only: bool = True) -> tuple[dict, str]:
-    """(flat state dict, a name for messages) from a checkpoint file or an in-memory dict."""
+    """(flat state dict, a name for messages) from a checkpoint file (torch.save or safetensors)
+    or an in-memory dict."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         source = os.fspath(path_or_state_dict)
         obj = load_checkpoint_file(source, map_location, weights_only)
@@ -288,8 +324,9 @@ def read_checkpoint(path_or_state_dict: str | os.PathLike | Mapping, map_locatio
 
 
 def load_checkpoint_file(path: str, map_location: Any, weights_only: bool) -> Any:
-    """torch.load of `path`, with FileNotFoundError / IsADirectoryError / CheckpointError that
-    name the file and say what is wrong with it (empty, not a checkpoint, pickled objects)."""
+    """torch.load of `path` (a safetensors file: its {name: tensor} dict), with FileNotFoundError /
+    IsADirectoryError / CheckpointError that name the file and say what is wrong with it (empty,
+    not a checkpoint, pickled objects)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(2, "checkpoint file not found", path)
@@ -297,6 +334,8 @@ def load_checkpoint_file(path: str, map_location: Any, weights_only: bool) -> An
         raise IsADirectoryError(21, "checkpoint path is a directory, not a file", path)
     if p.stat().st_size == 0:
         raise CheckpointError(f"{path}: the checkpoint file is empty")
+    if is_safetensors(p):
+        return _read_safetensors(p, map_location)
     try:
         return torch.load(p, map_location=map_location, weights_only=weights_only)
     except Exception as e:  # torch.load fails on bad bytes with many types: report them all as one
@@ -307,6 +346,72 @@ def load_checkpoint_file(path: str, map_location: Any, weights_only: bool) -> An
                 f"refuses; if you trust the file, pass weights_only=False ({detail})") from e
         raise CheckpointError(f"{path}: not a PyTorch checkpoint, or a truncated or damaged one "
                               f"({type(e).__name__}: {detail})") from e
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """True for a .safetensors name, or a file that starts as one: an 8-byte little-endian header
+    length that fits the file, then the header's "{" (a torch.save zip starts with "PK", a legacy
+    pickle with 0x80: neither passes)."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        return True
+    with open(p, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") + 8 <= p.stat().st_size
+
+
+def _safetensors_error(path: str | os.PathLike, e: BaseException) -> CheckpointError:
+    return CheckpointError(f"{path}: not a safetensors file, or a truncated or damaged one "
+                           f"({type(e).__name__}: {_first_line(str(e)) or 'no detail'})")
+
+
+def _safetensors():
+    """The safetensors package (imported on first use: `import rnan_fast` works without it)."""
+    try:
+        import safetensors.torch
+    except ImportError as e:
+        raise CheckpointError(f"safetensors files need the safetensors package ({e}): pip install safetensors") from None
+    return safetensors
+
+
+def _read_safetensors(path: Path, map_location: Any) -> dict:
+    """{name: tensor} of a safetensors file, on map_location when that is a device (else the CPU)."""
+    st = _safetensors()
+    try:
+        tensors = st.torch.load(path.read_bytes())   # the whole file (a model's weights) in memory
+    except Exception as e:  # SafetensorError, or a header that is not JSON / names unknown dtypes
+        raise _safetensors_error(path, e) from e
+    if isinstance(map_location, (str, torch.device)):
+        tensors = {k: v.to(map_location) for k, v in tensors.items()}
+    return tensors
+
+
+def stored_config(path_or_state_dict: Any) -> dict:
+    """The config that a safetensors file's metadata records under CONFIG_METADATA ({} for other
+    files, in-memory dicts, and safetensors files without it). CheckpointError for a damaged file."""
+    if not isinstance(path_or_state_dict, (str, os.PathLike)) or not is_safetensors(path_or_state_dict):
+        return {}
+    st = _safetensors()
+    try:
+        with st.safe_open(os.fspath(path_or_state_dict), framework="pt") as f:
+            metadata = f.metadata() or {}
+        config = json.loads(metadata.get(CONFIG_METADATA, "{}"))
+    except Exception as e:  # SafetensorError, or metadata that is not JSON
+        raise _safetensors_error(path_or_state_dict, e) from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{os.fspath(path_or_state_dict)}: the metadata entry {CONFIG_METADATA!r} "
+                              f"is not a JSON object")
+    return {k: v for k, v in config.items() if k in _DEFAULTS}
+
+
+def safetensors_bytes(state_dict: Mapping[str, Tensor], config: Mapping) -> bytes:
+    """A safetensors file of `state_dict` (contiguous CPU copies) with `config` (the RNAN's
+    settings) as JSON in its metadata, which from_checkpoint reads back. The same tensors and
+    config give the same bytes (so the same SHA-256): the metadata holds one entry, since
+    safetensors writes several in a random order (3 runs of one 4-entry save: 3 orders)."""
+    st = _safetensors()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    return st.torch.save(tensors, metadata={CONFIG_METADATA: json.dumps(dict(config))})
 
 
 def _error_detail(e: BaseException) -> str:

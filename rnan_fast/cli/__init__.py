@@ -1,10 +1,11 @@
 """The ``rnan-fast`` command line (also ``python -m rnan_fast``).
 
-    rnan-fast restore [--weights W.pt | --model NAME] [-o OUTDIR] [--device cpu|cuda]
+    rnan-fast restore [--weights W | --model NAME] [-o OUTDIR] [--device auto|cpu|cuda]
+                      [--ext auto|png|jpg|webp|tiff] [--quality Q] [--suffix S] [--recursive]
+                      [--overwrite | --skip-existing] [--max-pixels N]
                       [--precision fp32|bf16|fp16] [--tile N [--tile-overlap P] | --chop | --whole]
-                      [--self-ensemble] [--overwrite] [--backend auto|reference|fast]
-                      [--trust-checkpoint] INPUT...
-    rnan-fast eval    (--weights W.pt | --model NAME | --baseline [bm3d]) [--baseline bm3d]
+                      [--self-ensemble] [--backend auto|reference|fast] [--trust-checkpoint] INPUT...
+    rnan-fast eval    (--weights W | --model NAME | --baseline [bm3d|menon]) [--baseline bm3d|menon]
                       --task denoise_gray|denoise_rgb|car|demosaic|sr (with --model: its card's by default)
                       [--sigma S | --quality Q | --scale s] --data DIR [--limit N] [--csv FILE]
                       [--self-ensemble] [--chop | --tile N] [--seed K] [--quantize-noisy] ...
@@ -13,19 +14,20 @@
                       (see `rnan-fast train --help`; torchrun --nproc_per_node=K -m rnan_fast train ...)
     rnan-fast demo    [-o OUTDIR] [--image astronaut|coffee|chelsea] [--crop N] [--sigma S] [--seed K]
     rnan-fast models
+    rnan-fast export  [--model NAME | --weights W] [--safetensors OUT] [--onnx OUT [--tile N]]
     rnan-fast bench   [--device cpu|cuda] [--quick] [--repeat N]
 
-restore: INPUT are image files or folders (their images, not recursive). The model: --weights
-(a checkpoint), --model (a shipped one: `models`), else the default color denoiser that ships
-(rnan_fast.weights). On the CPU, images whose whole-image attention would take more than ~20 s
-run in overlapping tiles unless --whole (rnan_fast.inference.auto_tile). The architecture comes
-from the checkpoint. A gray model (n_colors=1) gets RGB inputs converted with Pillow's
-convert('L') (ITU-R 601-2 luma, as gray Kodak24 is made); an RGB model gets gray inputs with the
-channel replicated. Output: OUTDIR/<input stem>.png, at the model's scale, rounded and clamped to
-uint8, written atomically (temporary file in OUTDIR, then os.replace). Before any work, every
-output name is checked: an existing file stops the run (nothing written) unless --overwrite, and
-two inputs with the same stem are refused. An unreadable input is reported by name and skipped;
-the others are still written, and the exit status is 1.
+restore: INPUT are image files or folders (their images; subfolders with --recursive, mirrored
+under OUTDIR). The model: --weights (a checkpoint), --model (a shipped one: `models`), else the
+default color denoiser that ships (rnan_fast.weights). On the CPU, images whose whole-image
+attention would take more than ~20 s run in overlapping tiles unless --whole
+(rnan_fast.inference.auto_tile). The architecture comes from the checkpoint. Photos are read and
+written by rnan_fast.image_io (orientation applied; ICC profile, EXIF, alpha, 16 bits and gray
+kept) and fitted to the model by rnan_fast.photos. Output: OUTDIR/<stem><suffix>.<ext>, written
+atomically (temporary file in the output folder, then os.replace). Before any work, every
+output name is checked: existing files stop the run (nothing written) unless --overwrite or
+--skip-existing, and two inputs with one output name are refused. An unreadable input is
+reported by name and skipped; the others are still written, and the exit status is 1.
 
 eval: the degradation protocols of rnan_fast.data and the metrics of rnan_fast.metrics; see the
 `eval` help. Images the protocol cannot use (unreadable, smaller than the SR scale or its border)
@@ -43,7 +45,7 @@ which alone prints them and writes --csv. `train` under torchrun: see its help.
 Every command runs with subnormal floats flushed to zero (flush_subnormals): 2.7x faster on
 low-noise inputs, the same PSNR.
 
-Layout: one module per subcommand (restore, eval, train, demo, models, bench), each with
+Layout: one module per subcommand (restore, eval, train, demo, models, export, bench), each with
 add_parser(subparsers) and its cmd_* function; rnan_fast.cli.common holds what they share
 (UserError, exit codes, the device, the checkpoint load, the progress bar), models the
 --weights / --model choice, tiling how one image runs (auto-tiling, the bar inside an image).
@@ -54,10 +56,10 @@ import argparse
 import os
 import sys
 
-from rnan_fast.cli import bench, demo, eval, models, restore, train
+from rnan_fast.cli import bench, demo, eval, export, models, restore, train
 from rnan_fast.cli.common import EXIT_INTERRUPT, EXIT_USAGE, PROG, UserError, _err
 
-SUBCOMMANDS = (restore, eval, demo, models, train, bench)  # modules with add_parser(subparsers), in help order
+SUBCOMMANDS = (restore, eval, demo, models, export, train, bench)  # modules with add_parser(subparsers), in help order
 
 
 def build_parser() -> argparse.ArgumentParser:

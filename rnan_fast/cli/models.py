@@ -12,20 +12,24 @@ def add_model_args(p: argparse.ArgumentParser, default_model: bool) -> None:
     from rnan_fast.weights import DEFAULT_MODEL
 
     g = p.add_argument_group("model")
-    g.add_argument("--weights", metavar="W.pt", help="RNAN checkpoint file (official state dict or a "
-                   "rnan-fast train checkpoint)")
+    g.add_argument("--weights", metavar="W", help="RNAN checkpoint file: .pt (an official state dict or a "
+                   "rnan-fast train checkpoint) or .safetensors")
     default = f" (default: {DEFAULT_MODEL})" if default_model else ""
     g.add_argument("--model", metavar="NAME", help=f"a model shipped with rnan_fast{default}; "
                    f"`{PROG} models` lists them")
 
 
 def describe_noise(card: dict) -> str:
+    """The degradation a card's model is for: "gaussian sigma 10-50", or the type alone for the
+    tasks without a noise level (e.g. "GRBG mosaic")."""
     noise = card["noise"]
     kind = noise.get("type", "gaussian")
     if "sigma" in noise:
         return f"{kind} sigma {noise['sigma']:g}"
-    lo, hi = noise["sigma_range"]
-    return f"{kind} sigma {lo:g}-{hi:g}"
+    if "sigma_range" in noise:
+        lo, hi = noise["sigma_range"]
+        return f"{kind} sigma {lo:g}-{hi:g}"
+    return kind
 
 
 def note_sigma(card: dict | None, sigma: float, quiet: bool = False) -> None:
@@ -81,17 +85,22 @@ def model_task(name: str) -> str:
 
 
 def _measured(card: dict) -> str:
-    """The card's sigma-30 rows (else its first rows), e.g. "CBSD68 s30 30.12 (BM3D 29.85)"; a row
-    measured with --self-ensemble says so ("Kodak24 s30 x8 31.04")."""
+    """The card's sigma-30 rows (else its first two plain rows), e.g. "CBSD68 s30 30.12 (BM3D
+    29.85)" or "McMaster 38.10 (Menon 34.24)"; a row measured with --self-ensemble says so
+    ("Kodak24 s30 x8 31.04")."""
+    from rnan_fast.baselines import BASELINES
+
     rows = card.get("measured") or []
     if not rows:
         return "not measured"
-    chosen = [r for r in rows if r.get("sigma") == 30] or rows[:2]
+    chosen = [r for r in rows if r.get("sigma") == 30] or [r for r in rows if not r.get("self_ensemble")][:2]
     parts = []
     for r in chosen:
-        bm3d = f" (BM3D {r['bm3d_psnr']:.2f})" if r.get("bm3d_psnr") is not None else ""
+        beside = "".join(f" ({b.column} {r[name + '_psnr']:.2f})" for name, b in BASELINES.items()
+                         if r.get(name + "_psnr") is not None)
+        sigma = f" s{r['sigma']:g}" if r.get("sigma") is not None else ""
         x8 = " x8" if r.get("self_ensemble") else ""
-        parts.append(f"{r['set']} s{r['sigma']:g}{x8} {r['psnr']:.2f}{bm3d}")
+        parts.append(f"{r['set']}{sigma}{x8} {r['psnr']:.2f}{beside}")
     return ", ".join(parts)
 
 

@@ -1,17 +1,20 @@
-"""The shipped models: NAME.pt (weights) beside NAME.json (its model card), found, verified, loaded.
+"""The shipped models: NAME.safetensors (weights) beside NAME.json (its model card), found,
+verified, loaded.
 
     available()            {name: card} of every card in the folder, sorted by name
     card(name)             the card of one model (WeightsError when there is none)
+    weights_path(name)     NAME.safetensors, or NAME.pt where only that exists (cards made before)
     verify(name)           the weights file, after its size and SHA-256 were checked against the card
     load(name, device)     RNAN in eval mode (also rnan_fast.RNAN.pretrained(name))
-    export(ckpt, name, ...) writes NAME.pt (a plain state dict) and NAME.json from a checkpoint
+    export(ckpt, name, ...) writes NAME.safetensors and NAME.json from a checkpoint
+    write_weights(net, path, dtype)  a model's weights as a safetensors file (no pickle)
     sigma_range(card), check_sigma(card)  the noise levels a model is for, the one CI checks it at
     DEFAULT_MODEL          the color denoiser that `rnan-fast restore` and `rnan-fast demo` use
 
 The folder is this package's own (installed as package data), or $RNAN_FAST_WEIGHTS_DIR when set
 (one's own models; tests).
 
-Card (JSON object), the fields this module reads: "sha256" and "size" (bytes) of NAME.pt;
+Card (JSON object), the fields this module reads: "sha256" and "size" (bytes) of the weights file;
 "task" (an eval task: "denoise_rgb", "denoise_gray", ...); "noise" ({"type": "gaussian",
 "sigma": S} for a fixed-sigma model, or {"type": "gaussian", "sigma_range": [lo, hi]} for a
 blind one); "architecture" (n_colors, scale, n_feats, n_resgroups, softmax_over: what the weights
@@ -29,12 +32,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
+from rnan_fast.image_io import atomic_write, new_file_mode
 
-from rnan_fast.data import atomic_write, new_file_mode
+# torch and rnan_fast.model load in the functions that build models: reading cards and listing
+# models (`rnan-fast --help`, `rnan-fast models`) must not pay for importing torch (~1.5 s)
 
-__all__ = ["DEFAULT_MODEL", "ENV_FOLDER", "WeightsError", "folder", "available", "card", "verify", "load", "load_with_card", "export",
-           "check_sigma", "sigma_range", "sha256_of"]
+__all__ = ["DEFAULT_MODEL", "ENV_FOLDER", "WeightsError", "folder", "available", "card", "weights_path", "verify", "load",
+           "load_with_card", "export", "write_weights", "check_sigma", "sigma_range", "sha256_of"]
 
 DEFAULT_MODEL = "rnan_dn_rgb"
 ENV_FOLDER = "RNAN_FAST_WEIGHTS_DIR"
@@ -43,6 +47,9 @@ REQUIRED = ("sha256", "size", "task", "noise", "architecture", "test_gain_db")
 # that every card reads (and diffs) the same way: what the model is for, then how it was made.
 CARD_HEAD = ("task", "noise", "training", "test_gain_db", "measured")
 ARCHITECTURE = ("n_colors", "scale", "n_feats", "n_resgroups", "softmax_over")
+# A model's weights file, by preference: safetensors (what export writes and what ships), then a
+# torch.save file (a folder of one's own made before).
+WEIGHTS_SUFFIXES = (".safetensors", ".pt")
 
 
 class WeightsError(ValueError):
@@ -101,15 +108,23 @@ def sha256_of(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def weights_path(name: str) -> Path:
+    """The weights file of model `name` in folder(): NAME.safetensors, else NAME.pt; when neither
+    exists, the NAME.safetensors path (for messages)."""
+    paths = [folder() / f"{name}{suffix}" for suffix in WEIGHTS_SUFFIXES]
+    return next((p for p in paths if p.is_file()), paths[0])
+
+
 def verify(name: str) -> Path:
-    """The path of NAME.pt after checking its size and SHA-256 against the card; WeightsError
-    naming the file and what differs when it is missing, truncated, corrupt or altered."""
+    """The path of the weights file (weights_path) after checking its size and SHA-256 against the
+    card; WeightsError naming the file and what differs when it is missing, truncated, corrupt or
+    altered."""
     return _verify(name, card(name))
 
 
 def _verify(name: str, c: dict) -> Path:
     """verify() against the card `c` already read (load needs it too: one read of NAME.json)."""
-    path = folder() / f"{name}.pt"
+    path = weights_path(name)
     if not path.is_file():
         raise WeightsError(f"{path}: the weights file of model {name!r} is missing (its card is {name}.json)")
     size = path.stat().st_size
@@ -133,12 +148,12 @@ def load(name: str | None = None, device: torch.device | str = "cpu"):
 
 def load_with_card(name: str | None = None, device: torch.device | str = "cpu"):
     """(load(name, device), card(name)), from one read of the card."""
-    from rnan_fast.model import RNAN
-
     name = DEFAULT_MODEL if name is None else name
     c = card(name)
     path = _verify(name, c)
     arch = c["architecture"]
+    from rnan_fast.model import RNAN
+
     net = RNAN.from_checkpoint(path, map_location="cpu", softmax_over=arch["softmax_over"])
     differ = [f"{k}: card {arch[k]!r}, weights {net.config[k]!r}" for k in ARCHITECTURE if arch[k] != net.config[k]]
     if differ:
@@ -159,34 +174,53 @@ def check_sigma(c: dict) -> float:
     return min(max(30.0, lo), hi)
 
 
+def write_weights(net: RNAN, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                  mode: int | None = None) -> Path:
+    """Write `net`'s state dict to `path` as a safetensors file, floating-point tensors in `dtype`
+    (default fp32, or bf16 for half the size), net.config in its metadata (RNAN.from_checkpoint
+    reads both back); atomically (rnan_fast.data.atomic_write, file mode `mode`, default
+    new_file_mode()). Returns the path."""
+    import torch
+
+    from rnan_fast.model import safetensors_bytes
+
+    dtype = torch.float32 if dtype is None else dtype
+    state = {k: v.detach().to(dtype) if v.is_floating_point() else v.detach() for k, v in net.state_dict().items()}
+    path = Path(path)
+    with atomic_write(path, mode=new_file_mode() if mode is None else mode) as f:
+        f.write(safetensors_bytes(state, net.config))
+    return path
+
+
 def export(checkpoint: Any, name: str, target: str | os.PathLike | None = None,
-           dtype: torch.dtype = torch.float32, **fields: Any) -> Path:
-    """Write TARGET/NAME.pt and TARGET/NAME.json (TARGET default: folder()); returns the .pt path.
+           dtype: torch.dtype | None = None, **fields: Any) -> Path:
+    """Write TARGET/NAME.safetensors and TARGET/NAME.json (TARGET default: folder()); returns the
+    weights path.
 
     checkpoint: anything RNAN.from_checkpoint reads (a training run's file gives its EMA
-    weights when it holds them); its weights are stored as a plain state dict in `dtype` (fp32,
-    or bf16 for half the size). fields: the card's other fields (task, noise, test_gain_db,
+    weights when it holds them); its weights are stored by write_weights in `dtype` (default
+    fp32, or bf16 for half the size). fields: the card's other fields (task, noise, test_gain_db,
     training, measured, ...); sha256, size, architecture and stored_dtype are filled in here.
     Both files are written through rnan_fast.data.atomic_write."""
-    from rnan_fast.model import RNAN
-
     missing = [k for k in REQUIRED if k not in fields and k not in ("sha256", "size", "architecture")]
     if missing:
         raise WeightsError(f"export of {name!r}: give the card fields {', '.join(missing)}")
-    softmax_over = fields.get("architecture", {}).get("softmax_over", "query")
+    import torch
+
+    from rnan_fast.model import RNAN
+
+    dtype = torch.float32 if dtype is None else dtype
+    softmax_over = fields.get("architecture", {}).get("softmax_over")   # None: the checkpoint's own, else "query"
     net = RNAN.from_checkpoint(checkpoint, map_location="cpu", softmax_over=softmax_over)
     root = Path(target) if target is not None else folder()
     root.mkdir(parents=True, exist_ok=True)
-    pt, js = root / f"{name}.pt", root / f"{name}.json"
-    state = {k: v.detach().to(dtype) if v.is_floating_point() else v.detach()
-             for k, v in net.state_dict().items()}
+    js = root / f"{name}.json"
     file_mode = new_file_mode()
-    with atomic_write(pt, mode=file_mode) as f:
-        torch.save(state, f)
+    path = write_weights(net, root / f"{name}{WEIGHTS_SUFFIXES[0]}", dtype, file_mode)
     fields.pop("name", None)
     c = {**{k: fields.pop(k) for k in CARD_HEAD if k in fields}, **fields,
          "architecture": {k: net.config[k] for k in ARCHITECTURE},
-         "stored_dtype": str(dtype).replace("torch.", ""), "size": pt.stat().st_size, "sha256": sha256_of(pt)}
+         "stored_dtype": str(dtype).replace("torch.", ""), "size": path.stat().st_size, "sha256": sha256_of(path)}
     with atomic_write(js, mode=file_mode) as f:
         f.write((json.dumps(c, indent=2) + "\n").encode("utf-8"))
-    return pt
+    return path
