@@ -1,52 +1,91 @@
-"""Classical baselines to set beside RNAN: BM3D (gray) and CBM3D (color) given the true sigma.
+"""Classical baselines to set beside RNAN on the very images the model gets, scored alike
+(outputs rounded and clamped to uint8 like every restored image):
 
-They run through the optional `bm3d` package (pip install "rnan_fast[bm3d]"), the reference
-implementation of Makinen, Azzari and Foi, with its default profile ("np"); CBM3D is its
-bm3d_rgb (block matching in the opponent colour space). Inputs are the very noisy images the
-model gets (float64, noise unclipped, as rnan_fast.data.add_gaussian_noise makes them); the
-output is rounded and clamped to uint8 like every restored image, so the two are scored alike.
+- "bm3d": BM3D (gray) and CBM3D (color) given the true sigma, through the optional `bm3d`
+  package (pip install "rnan_fast[bm3d]"), the reference implementation of Makinen, Azzari and
+  Foi, with its default profile ("np"); CBM3D is its bm3d_rgb (block matching in the opponent
+  colour space). Inputs: the noisy images, float64, noise unclipped
+  (rnan_fast.data.add_gaussian_noise).
+- "menon": Menon, Andriani and Calvagno's demosaicing (2007, directional filtering with a
+  posteriori decision), through the optional `colour-demosaicing` package
+  (pip install "rnan_fast[demosaic]"), on the GRBG mosaic of rnan_fast.data.mosaic.
 """
 from __future__ import annotations
+
+import importlib
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
 from rnan_fast.imresize import to_uint8
 
-__all__ = ["BaselineUnavailable", "BASELINES", "check_baseline", "bm3d_denoise"]
+__all__ = ["Baseline", "BaselineUnavailable", "BASELINES", "check_baseline", "run_baseline", "bm3d_denoise",
+           "menon_demosaic"]
 
-BASELINES = ("bm3d",)
-INSTALL_HINT = 'pip install "rnan_fast[bm3d]" (or: pip install bm3d)'
 DENOISING_TASKS = ("denoise_gray", "denoise_rgb")
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A classical method: its table column, what it is (for headers), the tasks it applies
+    to, the optional package it needs and how to install that."""
+
+    column: str
+    label: str
+    tasks: tuple[str, ...]
+    module: str
+    install: str
+
+
+BASELINES = {
+    "bm3d": Baseline("BM3D", "BM3D (CBM3D for color) given the true sigma", DENOISING_TASKS, "bm3d",
+                     'pip install "rnan_fast[bm3d]" (or: pip install bm3d)'),
+    "menon": Baseline("Menon", "Menon 2007 demosaicing (colour-demosaicing)", ("demosaic",), "colour_demosaicing",
+                      'pip install "rnan_fast[demosaic]" (or: pip install colour-demosaicing)'),
+}
 
 
 class BaselineUnavailable(RuntimeError):
     """The baseline cannot run here (its package is missing) or does not apply to the task."""
 
 
-def _bm3d_module():
+def _module(name: str):
+    b = BASELINES[name]
     try:
-        import bm3d
+        with warnings.catch_warnings():   # colour-science warns on import that matplotlib is missing
+            warnings.simplefilter("ignore")
+            return importlib.import_module(b.module)
     except ImportError as e:
-        raise BaselineUnavailable(f"the BM3D baseline needs the optional bm3d package, which is not "
-                                  f"installed ({e}); {INSTALL_HINT}") from None
-    return bm3d
+        raise BaselineUnavailable(f"the {b.column} baseline needs the optional {b.module} package, which is not "
+                                  f"installed ({e}); {b.install}") from None
 
 
 def check_baseline(name: str, task: str) -> None:
     """Raise BaselineUnavailable when baseline `name` cannot run for `task` on this machine."""
     if name not in BASELINES:
         raise BaselineUnavailable(f"unknown baseline {name!r}; the baselines are: {', '.join(BASELINES)}")
-    if task not in DENOISING_TASKS:
-        raise BaselineUnavailable(f"the BM3D baseline is a Gaussian denoiser: it applies to "
-                                  f"{' and '.join(DENOISING_TASKS)}, not to {task}")
-    _bm3d_module()
+    b = BASELINES[name]
+    if task not in b.tasks:
+        raise BaselineUnavailable(f"the {b.column} baseline applies to {' and '.join(b.tasks)}, not to {task}")
+    _module(name)
+
+
+def run_baseline(name: str, lq: np.ndarray, params: dict) -> np.ndarray:
+    """Baseline `name` on a degraded input of the eval protocol (params: eval's degradation,
+    e.g. {"task": "denoise_rgb", "sigma": 30}); uint8 output of the ground truth's shape."""
+    if name == "bm3d":
+        return bm3d_denoise(lq, params["sigma"])
+    if name == "menon":
+        return menon_demosaic(lq)
+    raise BaselineUnavailable(f"unknown baseline {name!r}; the baselines are: {', '.join(BASELINES)}")
 
 
 def bm3d_denoise(noisy: np.ndarray, sigma: float) -> np.ndarray:
     """BM3D of a gray (H, W) or CBM3D of an RGB (H, W, 3) image on the 0..255 scale (any
     float or uint8 values, noise unclipped), given the noise's true sigma (0..255 scale).
     Returns uint8 of the same shape. sigma 0 returns the input rounded (nothing to remove)."""
-    bm3d = _bm3d_module()
+    bm3d = _module("bm3d")
     a = np.asarray(noisy, dtype=np.float64)
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
         raise ValueError(f"bm3d_denoise expects a (H, W) or (H, W, 3) image, got shape {a.shape}")
@@ -58,3 +97,14 @@ def bm3d_denoise(noisy: np.ndarray, sigma: float) -> np.ndarray:
     z, s = a / 255.0, float(sigma) / 255.0
     out = bm3d.bm3d(z, sigma_psd=s) if a.ndim == 2 else bm3d.bm3d_rgb(z, sigma_psd=s)
     return to_uint8(np.asarray(out, dtype=np.float64).reshape(a.shape) * 255.0)
+
+
+def menon_demosaic(mosaiced: np.ndarray) -> np.ndarray:
+    """Menon 2007 demosaicing of the 3-channel zero-filled GRBG mosaic (H, W, 3) of
+    rnan_fast.data.mosaic (0..255); returns uint8 (H, W, 3)."""
+    a = np.asarray(mosaiced, dtype=np.float64)
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"menon_demosaic expects the 3-channel mosaic (H, W, 3), got shape {a.shape}")
+    cfa = a.sum(axis=2)          # each site holds one colour, the others are zero
+    out = _module("menon").demosaicing_CFA_Bayer_Menon2007(cfa, pattern="GRBG")
+    return to_uint8(np.asarray(out, dtype=np.float64))

@@ -1,4 +1,5 @@
-"""BM3D / CBM3D baseline (rnan_fast.baselines) and `rnan-fast eval --baseline bm3d`."""
+"""The classical baselines (rnan_fast.baselines: BM3D / CBM3D, Menon 2007 demosaicing) and
+`rnan-fast eval --baseline NAME`."""
 import csv
 import sys
 
@@ -9,7 +10,7 @@ from PIL import Image
 
 from rnan_fast import RNAN, cli
 from rnan_fast import data as D
-from rnan_fast.baselines import BaselineUnavailable, bm3d_denoise, check_baseline
+from rnan_fast.baselines import BaselineUnavailable, bm3d_denoise, check_baseline, menon_demosaic
 from rnan_fast.metrics import evaluate, psnr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,6 +51,8 @@ def test_bm3d_denoises_a_crop(bm3d, data_dir, gray):
 def test_check_baseline_errors(monkeypatch):
     with pytest.raises(BaselineUnavailable, match="not to car"):
         check_baseline("bm3d", "car")
+    with pytest.raises(BaselineUnavailable, match="not to denoise_rgb"):
+        check_baseline("menon", "denoise_rgb")
     with pytest.raises(BaselineUnavailable, match="unknown baseline"):
         check_baseline("nlm", "denoise_rgb")
     monkeypatch.setitem(sys.modules, "bm3d", None)  # import bm3d raises ImportError
@@ -109,3 +112,42 @@ def test_eval_bm3d_user_errors(crops, tmp_path, capsys, monkeypatch):
     code, out, err = _run(["eval", "--baseline", "input", "--weights", tmp_path / "w.pt", "--task", "denoise_gray",
                            "--sigma", 15, "--data", crops], capsys)
     assert code == 2 and "--baseline" in err
+
+
+@pytest.fixture(scope="module")
+def colour_demosaicing():
+    return pytest.importorskip("colour_demosaicing", reason="the optional colour-demosaicing package is not "
+                               "installed (scripts/setup.sh installs it; pip install 'rnan_fast[demosaic]')")
+
+
+def test_menon_demosaics_a_crop(colour_demosaicing, data_dir):
+    img = D.read_image(data_dir / "Kodak24" / "kodim05.png")[200:248, 300:356]
+    mosaiced = D.mosaic(img)
+    out = menon_demosaic(mosaiced)
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    assert psnr(img, out) > psnr(img, mosaiced) + 15          # mosaiced ~8-9 dB, demosaiced > 25
+    # the package's own call on the single-plane GRBG mosaic, rounded: the same image
+    cfa = np.zeros(img.shape[:2])
+    cfa[0::2, 0::2], cfa[0::2, 1::2] = img[0::2, 0::2, 1], img[0::2, 1::2, 0]
+    cfa[1::2, 0::2], cfa[1::2, 1::2] = img[1::2, 0::2, 2], img[1::2, 1::2, 1]
+    want = D.to_uint8(np.asarray(colour_demosaicing.demosaicing_CFA_Bayer_Menon2007(cfa, pattern="GRBG")))
+    assert np.array_equal(out, want)
+    with pytest.raises(ValueError, match="shape"):
+        menon_demosaic(np.zeros((4, 4)))
+
+
+def test_eval_menon_beside_the_model(colour_demosaicing, crops, tmp_path, capsys):
+    torch.manual_seed(0)
+    torch.save(RNAN(n_colors=3, n_feats=8, n_resgroups=2).state_dict(), tmp_path / "w.pt")
+    base = ["eval", "--task", "demosaic", "--data", crops, "--quiet"]
+    code, out, err = _run(base + ["--baseline", "menon", "--csv", tmp_path / "alone.csv"], capsys)
+    assert code == 0 and "Menon" in out, err
+    code, out, err = _run(base + ["--weights", tmp_path / "w.pt", "--baseline", "menon", "--csv",
+                                  tmp_path / "both.csv"], capsys)
+    assert code == 0 and "Menon PSNR" in out, err
+    alone, both = _rows(tmp_path / "alone.csv"), _rows(tmp_path / "both.csv")
+    assert list(both[0]) == ["image", "psnr", "ssim", "menon_psnr", "menon_ssim"]
+    assert [(a["psnr"], a["ssim"]) for a in alone] == [(b["menon_psnr"], b["menon_ssim"]) for b in both]
+    gt = D.read_image(crops / "c0.png")
+    assert float(alone[0]["psnr"]) == pytest.approx(evaluate(gt, menon_demosaic(D.mosaic(gt)), "demosaic")[0],
+                                                    abs=2e-6)
