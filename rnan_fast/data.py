@@ -1,5 +1,5 @@
-"""Image input/output, colour conversions and the benchmark degradations (numpy; torch only
-for a torch.Generator given as a noise seed).
+"""Colour conversions and the benchmark degradations (numpy; torch only for a torch.Generator
+given as a noise seed); image files are read and written by rnan_fast.image_io.
 
 Images are numpy arrays: uint8 (H, W) for gray, uint8 (H, W, 3) for RGB; degraded inputs may be
 float64 (noise is not rounded). The degradations follow the protocols that reproduce RNAN's
@@ -24,15 +24,14 @@ benchmark rows (the shared data README):
 """
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+# the image files themselves live in rnan_fast.image_io; re-exported here for eval and training
+from rnan_fast.image_io import (IMAGE_EXTENSIONS, ImageReadError, atomic_write, list_images, new_file_mode,
+                                read_image, write_png_atomic)
 from rnan_fast.imresize import imresize, to_uint8
 
 __all__ = [
@@ -41,121 +40,6 @@ __all__ = [
     "modcrop", "bicubic_downscale", "bicubic_upscale", "to_uint8", "TASKS", "TASK_COLORS",
     "ground_truth", "degrade",
 ]
-
-IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm", ".pgm", ".webp")
-
-
-class ImageReadError(ValueError):
-    """An input file that is not a readable image."""
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as uint8: (H, W) for gray files, (H, W, 3) for colour ones.
-
-    The scale comes from the file's Pillow mode, never from its content:
-
-    - "L", "RGB": as stored; "1", "LA": gray ("1" gives 0 and 255); palette, alpha and other
-      colour modes: Pillow's convert("RGB") (alpha dropped).
-    - 16-bit gray ("I;16", "I;16L", "I;16B", "I;16N"): 0..65535 mapped to 0..255 by /257,
-      rounded half away from zero, so a dark 16-bit image stays dark.
-    - 32-bit integer ("I") and float ("F") images are refused: such files carry no agreed
-      value range (0..255? 0..65535? 0..1?), and guessing one would silently change PSNR.
-      Convert them to 8- or 16-bit first.
-
-    Raises ImageReadError (a ValueError) naming the file when it cannot be read or decoded,
-    when Pillow refuses it as a decompression bomb, or for the refused modes above.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            mode = im.mode
-            if mode in ("I", "F") or (mode.startswith("I;") and mode not in _MODES_16BIT):
-                kind = "32-bit integer" if mode == "I" else ("floating-point" if mode == "F" else "signed")
-                raise ImageReadError(f"{path}: {kind} images (Pillow mode {mode}) are not supported, their "
-                                     f"value range is ambiguous; convert the file to 8- or 16-bit")
-            im.load()
-            if mode in _MODES_16BIT:
-                arr = to_uint8(np.asarray(im, dtype=np.float64) / 257.0)
-            elif mode in ("L", "RGB"):
-                arr = np.array(im, dtype=np.uint8)
-            elif mode in ("1", "LA"):
-                arr = np.array(im.convert("L"), dtype=np.uint8)
-            else:
-                arr = np.array(im.convert("RGB"), dtype=np.uint8)
-    except ImageReadError:
-        raise
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageReadError(f"{path}: is a directory") from None
-    except Image.DecompressionBombError as e:
-        raise ImageReadError(f"{path}: refused as a possible decompression bomb ({e})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(f"{path}: not a readable image ({e})") from None
-    return arr
-
-
-_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, *, mode: int | None = None, durable: bool = False):
-    """A binary file to write in a with-block; it becomes `path` when the block ends without error.
-    The bytes go to a temporary file in the same folder, then os.replace: a reader never sees a
-    half-written file, and on any error (KeyboardInterrupt included) the temporary is removed
-    and `path` is left as it was. mode: the permission bits to give the file (mkstemp makes
-    0600). durable: fsync the file before the rename and the folder after it, so that the new
-    file survives a power cut (a crash, SIGKILL included, already sees the old or the new one)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if durable:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power cut only once the folder is synced
-        finally:
-            os.close(dir_fd)
-
-
-def write_png_atomic(path: str | os.PathLike, img: np.ndarray) -> None:
-    """Write a uint8 (H, W) or (H, W, 3) array as PNG through atomic_write, with the permissions
-    of an ordinary new file (0666 less the umask): a reader never sees a half-written file and
-    no temporary is left."""
-    img = np.asarray(img)
-    if img.dtype != np.uint8:
-        raise TypeError(f"write_png_atomic expects uint8, got {img.dtype}")
-    with atomic_write(path, mode=new_file_mode()) as f:
-        Image.fromarray(img).save(f, format="PNG")
-
-
-def new_file_mode() -> int:
-    """The permissions of an ordinary new file: 0666 less the umask (mkstemp's own are 0600).
-    The umask can only be read by setting it, so it is set and put back at once."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly in `folder` (by extension, case-insensitive), sorted by name."""
-    folder = Path(folder)
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
-                  key=lambda p: p.name)
-
 
 # --------------------------------------------------------------------------- colour
 

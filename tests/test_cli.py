@@ -117,7 +117,7 @@ def test_restore_subprocess_end_to_end(ckpts, crops, tmp_path):
     assert "Traceback" not in proc.stderr
     assert os.listdir(outdir) == ["set12_01.png"]
     assert Image.open(outdir / "set12_01.png").size == (72, 56)  # gray input, RGB SR model
-    assert Image.open(outdir / "set12_01.png").mode == "RGB"
+    assert Image.open(outdir / "set12_01.png").mode == "L"      # gray in, gray out
     # a user error: a message, no traceback, non-zero status
     proc = subprocess.run([sys.executable, "-m", "rnan_fast", "restore", "--weights", tmp_path / "nope.pt",
                            crops["rgb"]], capture_output=True, text=True, env=env, timeout=300)
@@ -157,7 +157,7 @@ def test_restore_tile_and_chop_options(ckpts, crops, tmp_path, capsys):
 def test_restore_official_format_fixtures(fixtures_dir, crops, tmp_path, capsys):
     """Checkpoints in the official layout (shared fixtures): the configuration comes from the file."""
     img = crops["rgb"] / "set12_01.png"
-    for name, shape in (("official_dn_gray_tiny.pt", (28, 36)), ("official_sr4_tiny.pt", (112, 144, 3))):
+    for name, shape in (("official_dn_gray_tiny.pt", (28, 36)), ("official_sr4_tiny.pt", (112, 144))):  # gray stays gray
         outdir = tmp_path / name
         code, _, err = _run(["restore", "--weights", fixtures_dir / name, "-o", outdir, "--quiet", img], capsys)
         assert code == 0, err
@@ -217,7 +217,8 @@ def test_restore_user_errors(ckpts, crops, tmp_path, capsys):
     other = tmp_path / "x" / "mcm1.jpg"
     other.parent.mkdir()
     Image.open(img).save(other)
-    code, _, err = _run(["restore", "--weights", ckpts["rgb"], "-o", tmp_path / "never", img, other], capsys)
+    code, _, err = _run(["restore", "--weights", ckpts["rgb"], "-o", tmp_path / "never", "--ext", "png", img, other],
+                        capsys)
     assert code == 2 and "several inputs" in err
     code, _, err = _run(["restore", "--weights", ckpts["rgb"], "-o", img.parent, "--overwrite", img], capsys)
     assert code == 2 and "would replace the input" in err

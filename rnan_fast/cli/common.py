@@ -34,7 +34,8 @@ def _first_line(e: BaseException) -> str:
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inference")
-    g.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    g.add_argument("--device", default="auto",
+                   help="auto (default: cuda when torch sees a usable GPU, else cpu), cpu, or cuda / cuda:N")
     g.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="model weights and activations dtype (default fp32)")
     g.add_argument("--backend", default=None, choices=("auto", "reference", "fast"),
@@ -73,6 +74,8 @@ def _check_runtime_args(args) -> None:
 def _device(name: str):
     import torch
 
+    if name == "auto":
+        name = "cuda" if _cuda_usable() else "cpu"
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
@@ -86,7 +89,32 @@ def _device(name: str):
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
         return dev
-    raise UserError(f"--device must be cpu or cuda (or cuda:N), got {name!r}")
+    raise UserError(f"--device must be auto, cpu or cuda (or cuda:N), got {name!r}")
+
+
+def _cuda_usable() -> bool:
+    """--device auto's test: torch sees a CUDA device."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _warn_slow_paths(device, backend: str | None, quiet: bool) -> None:
+    """One warning when a fast path the command would use is missing, with its reason and the
+    expected slowdown (not for --backend reference, which asks for the slow path)."""
+    import rnan_fast
+    from rnan_fast._backend import get_backend
+
+    if quiet or (backend or get_backend()) == "reference":
+        return
+    info = rnan_fast.backend_info()
+    if device.type == "cpu" and not info["extension_attention_cpu"]:
+        _warn(f"the compiled CPU kernels are not available ({info['extension_error'] or 'built without them'}): "
+              f"attention runs on the PyTorch reference, about 5x slower on whole images and up to 10x on "
+              f"tiles (BENCHMARKS.md); reinstall with `pip install --no-build-isolation -e .` against this torch")
+    elif device.type == "cuda" and not info["triton"]:
+        _warn(f"Triton is not available ({info['triton_error']}): attention on the GPU runs on the PyTorch "
+              f"reference, which is many times slower and stores score blocks; `pip install triton`")
 
 
 def _distributed(name: str):
@@ -96,6 +124,8 @@ def _distributed(name: str):
     from rnan_fast.train import distributed
 
     device = _device(name)
+    if name == "auto":
+        name = device.type   # under torchrun, "cuda" still means the GPU of this process's LOCAL_RANK
     try:
         return distributed.init(str(device) if distributed.env_world_size() <= 1 else name)
     except ValueError as e:

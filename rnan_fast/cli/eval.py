@@ -18,7 +18,8 @@ from rnan_fast.cli.models import add_model_args, load_net, model_task, note_sigm
 from rnan_fast.cli.eval_journal import Journal, refuse_unresumed, run_settings
 from rnan_fast.cli.tiling import ImageRunner
 from rnan_fast.cli.common import (EXIT_FAILURES, EXIT_OK, PROG, UserError, _add_runtime_args, _check_backend,
-                                  _check_runtime_args, _distributed, _err, _first_line, _progress, _report)
+                                  _check_runtime_args, _distributed, _err, _first_line, _progress, _report,
+                                  _warn_slow_paths)
 from rnan_fast.data import TASK_COLORS, TASKS
 
 EVAL_EPILOG = """\
@@ -122,23 +123,25 @@ def _describe_task(p: dict, args) -> str:
 
 
 def cmd_eval(args) -> int:
-    from rnan_fast.baselines import BaselineUnavailable, check_baseline
+    from rnan_fast.baselines import BASELINES, BaselineUnavailable, check_baseline
     from rnan_fast.inference import DTYPES
 
     _check_runtime_args(args)
     model_given = args.weights is not None or args.model is not None
     if (args.baseline == "input" and model_given) or (args.baseline is None and not model_given):
-        raise UserError("give --weights W.pt or --model NAME (restore and score; with --baseline bm3d, BM3D "
-                        "beside it), --baseline (score the degraded input) or --baseline bm3d")
+        raise UserError("give --weights W.pt or --model NAME (restore and score; with --baseline NAME, that "
+                        "method beside it), --baseline (score the degraded input) or --baseline NAME "
+                        f"({', '.join(BASELINES)})")
     if args.task is None:
         if args.model is None or args.weights is not None:
             raise UserError(f"--task is required ({', '.join(TASKS)}) unless --model names a shipped model")
         args.task = model_task(args.model)
-    if args.baseline == "bm3d":
+    method = args.baseline if args.baseline in BASELINES else None   # a classical method, not the input
+    if method:
         try:
-            check_baseline("bm3d", args.task)
+            check_baseline(method, args.task)
         except BaselineUnavailable as e:
-            raise UserError(f"--baseline bm3d: {e}") from None
+            raise UserError(f"--baseline {method}: {e}") from None
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     if args.resume and not args.csv:
@@ -157,16 +160,17 @@ def cmd_eval(args) -> int:
         device = d.device
         _task_params(args, None, model_pending=True)  # option errors before the (slow) model load
         _check_backend(args.backend, device, args.precision)
+        _warn_slow_paths(device, args.backend, args.quiet or not d.main)
         net, card = load_net(args, device, default_model=False)
     p = _task_params(args, net)
     if net is not None and "sigma" in p:
         note_sigma(card, p["sigma"], args.quiet)
     runner = None if net is None else ImageRunner(args, net, device, DTYPES[args.precision])
-    bm3d_beside = args.baseline == "bm3d" and net is not None
+    beside = method if net is not None else None   # the method's columns beside the model's
     journal = None
     if args.csv:  # every rank reads (or refuses) the old journal before rank 0 starts a new one
         journal = Journal(Path(args.csv), run_settings(args, p, files, _model_id(args, card) if net is not None else None,
-                                                       bm3d_beside), files, args.resume)
+                                                       beside), files, args.resume)
         d.barrier()
         if d.main:
             if args.resume and not journal.resumed:
@@ -176,17 +180,17 @@ def cmd_eval(args) -> int:
         d.barrier()
     done = journal.done if journal else {}
     if net is not None:
-        who = net.describe() + (", beside BM3D (CBM3D for color) given the true sigma" if bm3d_beside else "")
-    elif args.baseline == "bm3d":
-        who = "baseline BM3D (CBM3D for color) given the true sigma"
+        who = net.describe() + (f", beside {BASELINES[beside].label}" if beside else "")
+    elif method:
+        who = f"baseline {BASELINES[method].label}"
     else:
         who = "baseline (degraded input)"
     width = max(12, max(len(f.name) for f in files))
     if d.main:
         processes = f", {d.world_size} processes" if d.active else ""
         print(f"# {_describe_task(p, args)}; data {args.data} ({len(files)} images{processes}); {who}")
-        bm3d_cols = f"  {'BM3D PSNR':>9}  {'SSIM':>6}" if bm3d_beside else ""
-        print(f"{'image':<{width}}  {'PSNR':>8}  {'SSIM':>6}{bm3d_cols}")
+        cols = f"  {BASELINES[beside].column + ' PSNR':>10}  {'SSIM':>6}" if beside else ""
+        print(f"{'image':<{width}}  {'PSNR':>8}  {'SSIM':>6}{cols}")
         if done:
             _report(f"{PROG}: note: --resume: {len(done)} of {len(files)} images come from {journal.path}",
                     args.quiet)
@@ -197,7 +201,7 @@ def cmd_eval(args) -> int:
     t0 = time.perf_counter()
     mine = [(i, f) for i, f in enumerate(files) if i not in done][d.rank::d.world_size]
     try:
-        _score_images(mine, rows, failures, p, args, net, runner, bm3d_beside, journal, d, width)
+        _score_images(mine, rows, failures, p, args, net, runner, method, journal, d, width)
     except KeyboardInterrupt:
         if journal and d.main:
             _report(f"{PROG}: {len(done) + len(rows)} finished image(s) are kept in {journal.path}: the same "
@@ -233,10 +237,12 @@ def _model_id(args, card: dict | None) -> str:
     return "sha256:" + (card["sha256"] if card is not None else sha256_of(args.weights))
 
 
-def _score_images(mine, rows, failures, p, args, net, runner, bm3d_beside, journal, d, width) -> None:
+def _score_images(mine, rows, failures, p, args, net, runner, method, journal, d, width) -> None:
     """Degrade, restore and score this rank's images (index, path), appending (index, row) to
-    `rows` (and to the journal) and failed paths to `failures`; one line per image on one process."""
-    from rnan_fast.baselines import bm3d_denoise
+    `rows` (and to the journal) and failed paths to `failures`; one line per image on one process.
+    method: a classical baseline (rnan_fast.baselines) that runs alone (net None) or beside the
+    model, in columns "<method>_psnr" / "<method>_ssim"."""
+    from rnan_fast.baselines import run_baseline
     from rnan_fast.metrics import evaluate
 
     for index, path in _progress(mine, len(mine), "eval", args.quiet or not d.main):
@@ -247,8 +253,8 @@ def _score_images(mine, rows, failures, p, args, net, runner, bm3d_beside, journ
             _report(f"{PROG}: skipped {path}: {e}", args.quiet)
             failures.append(path)
             continue
-        if net is None and args.baseline == "bm3d":
-            out = bm3d_denoise(lq, p["sigma"])
+        if net is None and method:
+            out = run_baseline(method, lq, p)
         elif net is None:
             out = D.bicubic_upscale(lq, p["scale"]) if p["task"] == "sr" else lq
         else:
@@ -266,9 +272,9 @@ def _score_images(mine, rows, failures, p, args, net, runner, bm3d_beside, journ
             failures.append(path)
             continue
         row = {"image": path.name, "psnr": pv, "ssim": sv}
-        if bm3d_beside:  # the very same noisy image through BM3D, scored alike
-            row["bm3d_psnr"], row["bm3d_ssim"] = evaluate(gt, bm3d_denoise(lq, p["sigma"]), p["task"],
-                                                          with_ssim=not args.no_ssim)
+        if net is not None and method:  # the very same degraded image through the method, scored alike
+            row[f"{method}_psnr"], row[f"{method}_ssim"] = evaluate(gt, run_baseline(method, lq, p), p["task"],
+                                                                    with_ssim=not args.no_ssim)
         rows.append((index, row))
         if journal:
             journal.append(index, row)
@@ -294,10 +300,12 @@ def _prepare_csv(path: Path) -> None:
 
 
 def _scores_text(row: dict) -> str:
-    """PSNR and SSIM of a row (and BM3D's beside them when it has them), in the table's columns."""
+    """PSNR and SSIM of a row (and a baseline's beside them when it has them), in the table's columns."""
     text = f"{row['psnr']:8.4f}  {'' if row['ssim'] is None else format(row['ssim'], '.4f'):>6}"
-    if "bm3d_psnr" in row:
-        text += f"  {row['bm3d_psnr']:9.4f}  {'' if row['bm3d_ssim'] is None else format(row['bm3d_ssim'], '.4f'):>6}"
+    for key in row:
+        if key.endswith("_psnr"):
+            ssim = row[key[:-5] + "_ssim"]
+            text += f"  {row[key]:10.4f}  {'' if ssim is None else format(ssim, '.4f'):>6}"
     return text
 
 
@@ -333,10 +341,12 @@ def add_parser(sub) -> None:
                        description="Benchmark evaluation under the paper's protocols.",
                        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(e, default_model=False)
-    e.add_argument("--baseline", nargs="?", const="input", choices=("input", "bm3d"),
+    e.add_argument("--baseline", nargs="?", const="input", choices=("input", "bm3d", "menon"),
                    help="--baseline alone: score the degraded input, no model (bicubic upscale for sr); "
                         "--baseline bm3d: BM3D / CBM3D given the true sigma (denoise_*; the optional bm3d "
-                        "package), alone or beside the model's columns on the same noisy images")
+                        "package); --baseline menon: Menon 2007 demosaicing (demosaic; the optional "
+                        "colour-demosaicing package); alone or beside the model's columns on the same "
+                        "degraded images")
     e.add_argument("--task", choices=TASKS, help="the degradation protocol (default with --model: the "
                    "model card's task; required otherwise)")
     e.add_argument("--sigma", type=float, help="noise level (denoise_*), 0..255 scale")

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from rnan_fast.cli.common import EXIT_FAILURES, EXIT_OK, PROG, UserError, _device, _err
+from rnan_fast.cli.common import EXIT_FAILURES, EXIT_OK, PROG, UserError, _device, _err, _warn_slow_paths
 from rnan_fast.data import TASKS
 
 TRAIN_EPILOG = """\
@@ -70,7 +70,8 @@ def cmd_train(args) -> int:
             resumed = state["config"]
             options["out"] = out
         cfg = loop.resolve_config(options, file_config, resumed, source=f"{options['out']}/last.pt")
-        _device(cfg.device)  # CUDA missing, or a GPU index that is not there: a usage error up front
+        device = _device(cfg.device)  # CUDA missing, or a GPU index that is not there: a usage error up front
+        _warn_slow_paths(device, None, os.environ.get("RANK", "0") != "0")
         result = loop.run(cfg, resume=args.resume, quiet=args.quiet, resumed_state=state)
     except (loop.ConfigError, DataError) as e:
         raise UserError(str(e)) from None
