@@ -321,7 +321,8 @@ def _on_device(model: Forward, device, dtype, home: torch.device) -> Forward:
 def restore_tensor(model, x: Tensor, tile: int | None = None, overlap: int = 32, chop: bool = False,
                    self_ensemble: bool = False, scale: int | None = None,
                    progress: Progress | None = None, device: torch.device | str | None = None,
-                   dtype: torch.dtype | None = None, oom_retry: Callable[[int], None] | None = None) -> Tensor:
+                   dtype: torch.dtype | None = None, oom_retry: Callable[[int], None] | None = None,
+                   period: int = 1) -> Tensor:
     """Restore a batch. x: (B, C, H, W) float, 0..255 values; returns (B, C', scale*H, scale*W)
     in the model's output dtype, unclamped, on x's device.
 
@@ -340,29 +341,45 @@ def restore_tensor(model, x: Tensor, tile: int | None = None, overlap: int = 32,
     side, or `tile`), overlap min(overlap, tile // 2), halving until it fits; oom_retry(tile) is
     called once, before the first retry, with the first tile tried. Below OOM_MIN_TILE, and with
     chop (the official quadrants are kept as they are), the error propagates.
+    period: the input repeats a pattern every `period` pixels (2: the GRBG mosaic a demosaicing
+    model reads). Every model call must then see the pattern in its own phase: the image is
+    zero-padded at the bottom and right to a multiple of `period` (zeros are what a mosaic's
+    missing samples hold) and the output cropped back; tile and overlap must be multiples of
+    it, so that every tile and chop quadrant starts on the pattern; self_ensemble is refused
+    (its flips and transposes move the pattern).
     """
     if tile is not None and chop:
         raise ValueError("choose tiled inference (tile) or the official chop, not both")
     if x.dim() != 4:
         raise ValueError(f"expected a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-    run = dict(overlap=overlap, chop=chop, self_ensemble=self_ensemble,
-               s=model_scale(model) if scale is None else int(scale), progress=progress)
+    s = model_scale(model) if scale is None else int(scale)
+    if period > 1:
+        if self_ensemble:
+            raise ValueError(f"self-ensemble flips and transposes the image, which moves its {period}x{period} "
+                             f"pattern (a Bayer mosaic): not for this model")
+        if tile is not None and (tile % period or overlap % period):
+            raise ValueError(f"tile ({tile}) and overlap ({overlap}) must be multiples of {period}, so that every "
+                             f"tile starts on the image's {period}x{period} pattern (a Bayer mosaic)")
+    h, w = x.shape[-2:]
+    if h % period or w % period:
+        x = torch.nn.functional.pad(x, (0, (-w) % period, 0, (-h) % period))
+    run = dict(overlap=overlap, chop=chop, self_ensemble=self_ensemble, s=s, progress=progress)
     if device is not None or dtype is not None:
         model = _on_device(model, device, dtype, x.device)
     if oom_retry is None or chop:
-        return _restore(model, x, tile, **run)
+        return _restore(model, x, tile, **run)[..., : s * h, : s * w]
     side = max(x.shape[-2:]) if tile is None else int(tile)
     told = False
     while True:
         try:
-            return _restore(model, x, tile, **run)
+            return _restore(model, x, tile, **run)[..., : s * h, : s * w]
         except torch.OutOfMemoryError:
-            side //= 2
+            side = side // 2 // period * period
             if side < OOM_MIN_TILE:
                 raise
         # outside the except block: the failed attempt's tensors (held by its traceback) are gone
         torch.cuda.empty_cache()
-        tile, run["overlap"] = side, min(overlap, side // 2)
+        tile, run["overlap"] = side, min(overlap, side // 2) // period * period
         if not told:
             told = True
             oom_retry(side)

@@ -138,6 +138,6 @@ def restore_file(path_in: str | os.PathLike, path_out: str | os.PathLike, model=
     if tile == "auto":
         tile = None if chop else auto_tile(net, *pixels.shape[:2], device, dtype)
     restored = restore_array(net, pixels, device=device, dtype=dtype, tile=tile, overlap=overlap, chop=chop,
-                             self_ensemble=self_ensemble)
+                             self_ensemble=self_ensemble, period=2 if task == "demosaic" else 1)
     out = restored_photo(photo, blend(pixels, restored, strength), model_scale(net), task)
     return notes + write_photo(path_out, out, quality=quality)

@@ -267,3 +267,41 @@ def test_restore_image_rejects_non_finite_output():
 
     with pytest.raises(FloatingPointError, match="non-finite"):
         restore_image(Overflow(), np.ones((4, 4), np.uint8))
+
+
+class PhaseChecker(torch.nn.Module):
+    """Returns its input; records whether every call saw a 2x2 pattern in phase (the input
+    codes each pixel's phase as 2 * (row % 2) + (col % 2) + 1, 0 being padding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale, self.calls, self.off_phase = 1, 0, 0
+
+    def forward(self, v):
+        self.calls += 1
+        phase = v[0, 0]
+        want = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).repeat((phase.shape[0] + 1) // 2, (phase.shape[1] + 1) // 2)
+        want = want[: phase.shape[0], : phase.shape[1]]
+        self.off_phase += int(((phase != want) & (phase != 0)).any())
+        return v.clone()
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(tile=8, overlap=2), dict(tile=6, overlap=4), dict(chop=True)])
+def test_period_keeps_every_call_on_the_pattern(kwargs):
+    """A Bayer mosaic's period 2: odd-sized images are zero-padded, tiles and chop quadrants start
+    on the pattern; the output is the input's size. Without it, tiles of an odd-sized image
+    start off the pattern (what the check detects)."""
+    h, w = 21, 31
+    i, j = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    x = (2 * (i % 2) + (j % 2) + 1).float()[None, None].repeat(1, 3, 1, 1)
+    net = PhaseChecker()
+    out = restore_tensor(net, x, period=2, **kwargs)
+    assert out.shape == x.shape and torch.equal(out, x) and net.off_phase == 0 and net.calls >= 1
+    if kwargs.get("tile"):
+        net = PhaseChecker()
+        restore_tensor(net, x, **kwargs)
+        assert net.off_phase > 0
+    with pytest.raises(ValueError, match="pattern"):
+        restore_tensor(PhaseChecker(), x, period=2, self_ensemble=True)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        restore_tensor(PhaseChecker(), x, period=2, tile=9, overlap=2)

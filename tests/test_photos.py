@@ -368,6 +368,8 @@ def test_demosaicing_model_takes_a_bayer_mosaic(tmp_path, capsys, use_model):
     for name in ("raw.png", "zero_filled.png"):
         out = np.asarray(Image.open(tmp_path / "out" / name))
         assert out.shape == (8, 12, 3) and np.array_equal(out, D.mosaic(rgb))
+    code, err = _restore(["--self-ensemble", "-o", tmp_path / "x8", d / "raw.png"], capsys)
+    assert code == 2 and "Bayer" in err
 
 
 def test_strength_blends_output_and_input(tmp_path, capsys, use_model):

@@ -165,7 +165,10 @@ def cmd_eval(args) -> int:
     p = _task_params(args, net)
     if net is not None and "sigma" in p:
         note_sigma(card, p["sigma"], args.quiet)
-    runner = None if net is None else ImageRunner(args, net, device, DTYPES[args.precision])
+    if p["task"] == "demosaic" and args.self_ensemble:
+        raise UserError("--self-ensemble flips the image, which moves the GRBG mosaic's pattern: not for "
+                        "--task demosaic")
+    runner = None if net is None else ImageRunner(args, net, device, DTYPES[args.precision], p["task"])
     beside = method if net is not None else None   # the method's columns beside the model's
     journal = None
     if args.csv:  # every rank reads (or refuses) the old journal before rank 0 starts a new one

@@ -171,7 +171,10 @@ def cmd_restore(args) -> int:
     except ValueError as e:
         raise UserError(f"--strength: {e}") from None
     failures, notes = [], set()
-    runner = ImageRunner(args, net, device, DTYPES[args.precision])
+    if task == "demosaic" and args.self_ensemble:
+        raise UserError("--self-ensemble flips the image, which moves a Bayer mosaic's pattern: not for a "
+                        "demosaicing model")
+    runner = ImageRunner(args, net, device, DTYPES[args.precision], task)
     mine = batch.pairs[d.rank::d.world_size]
     bar = _progress(mine, len(mine), "restore", args.quiet or not d.main)
 

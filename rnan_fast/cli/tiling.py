@@ -17,9 +17,10 @@ PROGRESS_DELAY_S = 3.0
 class ImageRunner:
     """restore_image with the command's options; `run(img, name)` -> uint8 output."""
 
-    def __init__(self, args, net, device, dtype):
+    def __init__(self, args, net, device, dtype, task: str | None = None):
         self.args, self.net, self.device, self.dtype = args, net, device, dtype
-        self.kwargs = _restore_kwargs(args)
+        # a demosaicing model reads a GRBG mosaic: every model call starts on its 2x2 pattern
+        self.kwargs = dict(_restore_kwargs(args), period=2 if task == "demosaic" else 1)
         self.told = False
         # auto-tiling only when nothing was chosen: no --tile, --chop or --whole
         self.auto = args.tile is None and not args.chop and not args.whole
