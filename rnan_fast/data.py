@@ -36,7 +36,7 @@ from rnan_fast.imresize import imresize, to_uint8
 
 __all__ = [
     "IMAGE_EXTENSIONS", "ImageReadError", "read_image", "atomic_write", "new_file_mode", "write_png_atomic", "list_images",
-    "to_gray", "to_rgb", "rgb_to_y", "add_gaussian_noise", "noise_seed", "jpeg", "mosaic",
+    "to_gray", "to_rgb", "rgb_to_y", "rgb_to_ycbcr", "ycbcr_to_rgb", "add_gaussian_noise", "noise_seed", "jpeg", "mosaic",
     "modcrop", "bicubic_downscale", "bicubic_upscale", "to_uint8", "TASKS", "TASK_COLORS",
     "ground_truth", "degrade",
 ]
@@ -65,10 +65,27 @@ def rgb_to_y(img: np.ndarray, rounded: bool = True) -> np.ndarray:
     if img.ndim == 2:
         return img if rounded else img.astype(np.float64)
     a = img.astype(np.float64)
+    # the formula as MATLAB writes it (not rgb_to_ycbcr's matrix product: another summation order
+    # could round a Y of x.5 the other way and move the CAR protocol's inputs)
     y = (65.481 * a[..., 0] + 128.553 * a[..., 1] + 24.966 * a[..., 2]) / 255.0 + 16.0
     if rounded:
         return to_uint8(y)
     return y
+
+
+# MATLAB rgb2ycbcr on a 0..255 image: [Y, Cb, Cr] = YCBCR @ [R, G, B] / 255 + [16, 128, 128]
+YCBCR = np.array([[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]])
+YCBCR_OFFSET = np.array([16.0, 128.0, 128.0])
+
+
+def rgb_to_ycbcr(img: np.ndarray) -> np.ndarray:
+    """MATLAB's rgb2ycbcr of a 0..255 RGB image (H, W, 3), as float64 (H, W, 3) Y, Cb, Cr, unrounded."""
+    return np.asarray(img, dtype=np.float64) @ (YCBCR.T / 255.0) + YCBCR_OFFSET
+
+
+def ycbcr_to_rgb(ycbcr: np.ndarray) -> np.ndarray:
+    """The inverse of rgb_to_ycbcr: float64 RGB (H, W, 3) on 0..255, unrounded and unclamped."""
+    return (np.asarray(ycbcr, dtype=np.float64) - YCBCR_OFFSET) @ np.linalg.inv(YCBCR.T / 255.0)
 
 
 # --------------------------------------------------------------------------- degradations

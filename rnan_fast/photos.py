@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rnan_fast.data import mosaic, to_gray
+from rnan_fast.data import mosaic, rgb_to_ycbcr, to_gray, ycbcr_to_rgb
 from rnan_fast.image_io import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, Photo, read_photo, with_pixels, write_photo
 
 __all__ = ["model_input", "check_strength", "blend", "restored_photo", "restore_file", "LUMA"]
@@ -32,6 +32,11 @@ def model_input(photo: Photo, n_colors: int | None, task: str | None = None) -> 
     pixels = photo.pixels
     if task == "demosaic":
         return _bayer_input(pixels), None
+    if task == "car" and pixels.ndim == 3:
+        # a Y-channel JPEG model: the luma of MATLAB's rgb2ycbcr (what it was trained on), restored
+        # alone; restored_photo puts it back beside the photo's own chroma
+        return rgb_to_ycbcr(pixels)[..., 0].astype(np.float32), \
+            "JPEG artifacts removed on the luma (Y of rgb2ycbcr); the chroma is kept as decoded"
     if n_colors == 1 and pixels.ndim == 3:
         # 8 bits: Pillow's convert('L'), how the gray test sets are made; 16 bits: the same luma unrounded
         gray = to_gray(pixels.astype(np.uint8)).astype(np.float32) if photo.bit_depth == 8 else pixels @ LUMA
@@ -75,8 +80,13 @@ def blend(model_in: np.ndarray, restored: np.ndarray, strength: float) -> np.nda
 def restored_photo(photo: Photo, restored: np.ndarray, scale: int = 1, task: str | None = None) -> Photo:
     """The photo with the model's output (float (s*H, s*W[, 3]) on 0..255) as its pixels: a gray
     photo restored by an RGB model becomes gray again (luma; not for task "demosaic", whose gray
-    input is a mosaic), an SR output's alpha is resized."""
-    if photo.gray and restored.ndim == 3 and task != "demosaic":
+    input is a mosaic), a colour photo's luma restored by a Y-channel JPEG model (task "car") is
+    recombined with the photo's own chroma, an SR output's alpha is resized."""
+    if task == "car" and not photo.gray and restored.ndim == 2:
+        ycbcr = rgb_to_ycbcr(photo.pixels)
+        ycbcr[..., 0] = restored
+        restored = ycbcr_to_rgb(ycbcr)
+    elif photo.gray and restored.ndim == 3 and task != "demosaic":
         restored = restored @ LUMA
     return with_pixels(photo, np.asarray(restored, dtype=np.float32), scale)
 

@@ -390,3 +390,30 @@ def test_strength_blends_output_and_input(tmp_path, capsys, use_model):
     use_model(Identity(scale=2))
     code, err = _restore(["--strength", 0.5, "-o", tmp_path / "never", tmp_path / "a.png"], capsys)
     assert code == 2 and "super-resolution" in err and not (tmp_path / "never").exists()
+
+
+def test_car_model_restores_the_luma_and_keeps_the_chroma(tmp_path, capsys, use_model):
+    """A Y-channel JPEG model on a colour photo: Y of rgb2ycbcr goes through the model, the
+    photo's own Cb and Cr come back beside it (an identity gives the photo back; +10 on Y moves
+    Y alone)."""
+    from rnan_fast import data as D
+
+    rgb = np.clip(_rgb(10, 12).astype(int), 30, 220).astype(np.uint8)   # no clipping after +10 on Y
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    use_model(Identity(n_colors=1), task="car")
+    code, err = _restore(["-o", tmp_path / "same", tmp_path / "a.png"], capsys)
+    assert code == 0 and "chroma is kept" in err, err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "same" / "a.png")), rgb)
+
+    class AddTen(Identity):
+        def forward(self, x):
+            return super().forward(x) + 10
+    use_model(AddTen(n_colors=1), task="car")
+    code, err = _restore(["-o", tmp_path / "plus", tmp_path / "a.png"], capsys)
+    out = np.asarray(Image.open(tmp_path / "plus" / "a.png"))
+    assert code == 0 and out.ndim == 3
+    before, after = D.rgb_to_ycbcr(rgb), D.rgb_to_ycbcr(out)
+    assert np.abs(after[..., 0] - before[..., 0] - 10).max() < 1.0          # rounding to uint8 RGB
+    assert np.abs(after[..., 1:] - before[..., 1:]).max() < 1.0
+    assert np.allclose(D.ycbcr_to_rgb(D.rgb_to_ycbcr(rgb)), rgb, atol=1e-9)
+    assert np.array_equal(D.to_uint8(D.rgb_to_ycbcr(rgb)[..., 0]), D.rgb_to_y(rgb))

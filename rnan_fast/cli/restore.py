@@ -26,7 +26,8 @@ Photos keep what they carry: the EXIF orientation is applied (the output is stor
 orientation 1), the ICC colour profile and the EXIF data are written back, alpha is kept (resized
 for SR models), 16-bit PNG/TIFF inputs give 16-bit outputs (the model sees value/257 unrounded),
 gray inputs give gray outputs (an RGB model's output converted back with 601-2 luma). A gray model
-gets colour inputs as luma. A demosaicing model takes a GRBG Bayer mosaic: a one-channel image of
+gets colour inputs as luma; a JPEG-artifact model (task car, trained on MATLAB's Y) restores a
+colour photo's Y and keeps its chroma as decoded. A demosaicing model takes a GRBG Bayer mosaic: a one-channel image of
 the raw samples ((0,0)=G, (0,1)=R, (1,0)=B, (1,1)=G) or the 3-channel form with the missing
 samples zero (what `eval --task demosaic` makes); other images are refused one by one. CMYK is converted to sRGB through its profile; of an animation the
 first frame is restored. What an output format cannot hold (alpha in JPEG, 16 bits in JPEG or
