@@ -106,7 +106,8 @@ def _resolve_model(model, device, dtype):
         if path.suffix and path.exists():
             net = RNAN.from_checkpoint(str(path))
         else:
-            net, task = RNAN.pretrained(str(name)), weights.card(str(name))["task"]
+            net, card = weights.load_with_card(str(name))   # one read of the card: weights and task
+            task = card["task"]
     elif isinstance(model, torch.nn.Module):
         net = model
     else:

@@ -126,7 +126,8 @@ class Batch:
                 raise UserError(f"output {o} would replace the input {i}; choose another -o folder or a --suffix")
         existing = [(i, o) for i, o in self.pairs if o.exists()]
         if skip_existing:
-            self.pairs = [(i, o) for i, o in self.pairs if not o.exists()]
+            done = set(existing)
+            self.pairs = [pair for pair in self.pairs if pair not in done]
             return len(existing)
         if existing and not overwrite:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""

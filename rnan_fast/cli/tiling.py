@@ -15,7 +15,9 @@ PROGRESS_DELAY_S = 3.0
 
 
 class ImageRunner:
-    """restore_image with the command's options; `run(img, name)` -> uint8 output."""
+    """restore_image / restore_array with the command's options: `run(img, name)` -> uint8 output,
+    `run(img, name, quantize=False)` -> float32 (for 16-bit photos); task "demosaic" keeps every
+    model call on the mosaic's 2x2 pattern."""
 
     def __init__(self, args, net, device, dtype, task: str | None = None):
         self.args, self.net, self.device, self.dtype = args, net, device, dtype
