@@ -343,6 +343,35 @@ def test_init_from_official_weights(train_dir, tmp_path):
     assert any("3-channel weights adapted to 1 channel" in n for n in notes), notes
 
 
+def test_init_across_scales_takes_what_fits(train_dir, tmp_path):
+    """An sr run from a denoiser takes the head and body, an x4 run from an x2 model also the first
+    upsampler stage and the last conv; the note names what stays fresh."""
+    torch.manual_seed(11)
+    denoiser = RNAN(n_colors=3, scale=1, n_feats=8, n_resgroups=2).state_dict()
+    torch.save(denoiser, tmp_path / "dn.pt")
+    notes = []
+    run(cfg(train_dir, tmp_path / "x2", task="sr", sigma=None, scale=2, patch_size=8, steps=1, lr=1e-12, init=str(tmp_path / "dn.pt")),
+        quiet=True, message=notes.append)
+    x2 = read_training_checkpoint(tmp_path / "x2" / "last.pt")["model"]
+    body = [k for k in denoiser if not k.startswith("tail.")]
+    assert max(float((x2[k] - denoiser[k]).abs().max()) for k in body) < 1e-9
+    fresh = [k for k in x2 if k not in body]
+    assert fresh and all(k.startswith(("tail.", "sub_mean.", "add_mean.")) for k in fresh), fresh
+    note = next(n for n in notes if "scale 1 weights in a scale 2 run" in n)
+    assert f"took {len(body)} of {len(x2)} tensors" in note and "tail.0.0.weight" in note, note
+    notes.clear()
+    run(cfg(train_dir, tmp_path / "x4", task="sr", sigma=None, scale=4, patch_size=8, steps=1, lr=1e-12,
+            init=str(tmp_path / "x2" / "last.pt")), quiet=True, message=notes.append)
+    x4 = read_training_checkpoint(tmp_path / "x4" / "last.pt")["model"]
+    shared = [k for k in x2 if k in x4 and x2[k].shape == x4[k].shape]
+    assert "tail.0.0.weight" in shared and "tail.1.weight" in shared
+    assert max(float((x4[k] - x2[k]).abs().max()) for k in shared) < 1e-9
+    assert any("fresh: tail.0.2.weight, tail.0.2.bias" in n for n in notes), notes
+    with pytest.raises(loop.ConfigError, match=r"n_feats 8 \(run: 16\)"):
+        run(cfg(train_dir, tmp_path / "x2b", task="sr", sigma=None, scale=2, n_feats=16, steps=1,
+                init=str(tmp_path / "dn.pt")), quiet=True)
+
+
 def test_loop_with_data_workers_equals_without(train_dir, tmp_path):
     run(cfg(train_dir, tmp_path / "w0", steps=2, workers=0), quiet=True)
     run(cfg(train_dir, tmp_path / "w2", steps=2, workers=2), quiet=True)

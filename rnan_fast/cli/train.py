@@ -106,7 +106,9 @@ def add_parser(sub) -> None:
     g.add_argument("--out", metavar="RUN_DIR", help="run folder (checkpoints, log, config)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     g.add_argument("--init", metavar="CKPT", help="start from these weights (official or training checkpoint); a "
-                   "denoiser's change between 1 and 3 colors is adapted (a gray run from a color model)")
+                   "denoiser's change between 1 and 3 colors is adapted (a gray run from a color model); "
+                   "between scales (an sr run from a denoiser or another factor) the tensors that fit are "
+                   "taken and the others named")
     g.add_argument("--config", metavar="FILE", help="JSON settings; command-line options override them")
     g.add_argument("--val", nargs="+", metavar="DIR", help="validation image folders")
     g.add_argument("--val-every", type=int, metavar="K", help="validate every K steps (default 1000)")

@@ -329,12 +329,16 @@ def _model(cfg: TrainConfig):
 
 
 def _load_init(net, path: str, note) -> None:
+    """Load --init weights into `net`. A 1 <-> 3 channel change is adapted (model.adapt_colors).
+    Between forms or scales (a denoiser or an x2 model starting an x4 run) the body is shared and
+    only the tensors whose name and shape fit are taken; the note names those left fresh. n_feats
+    and n_resgroups must match."""
     from rnan_fast.model import SHAPE_KEYS, CheckpointError, adapt_colors, infer_config, read_checkpoint
 
     state_dict, source = read_checkpoint(path, "cpu", True)
     found = infer_config(state_dict, source)
     colors = (found["n_colors"], net.config["n_colors"])
-    if colors[0] != colors[1]:
+    if colors[0] != colors[1] and found["scale"] == 1:
         try:
             state_dict = adapt_colors(state_dict, colors[1], source)
         except CheckpointError:
@@ -344,11 +348,19 @@ def _load_init(net, path: str, note) -> None:
             note(f"--init {path}: {colors[0]}-channel weights adapted to {colors[1]} channel"
                  f"{'s' * (colors[1] > 1)} (head and tail, model.adapt_colors)")
     want = {k: net.config[k] for k in SHAPE_KEYS}
-    diff = {k: (found[k], v) for k, v in want.items() if found[k] != v}
+    diff = {k: (found[k], v) for k, v in want.items() if found[k] != v and k != "scale"}
     if diff:
         detail = ", ".join(f"{k} {a} (run: {b})" for k, (a, b) in diff.items())
         raise ConfigError(f"--init {path}: the weights do not fit the run: {detail}")
-    net._load_checked(state_dict, source)
+    if found["scale"] == want["scale"]:
+        net._load_checked(state_dict, source)
+        return
+    own = net.state_dict()
+    taken = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
+    fresh = [k for k in own if k not in taken]
+    net.load_state_dict(taken, strict=False)
+    note(f"--init {path}: scale {found['scale']} weights in a scale {want['scale']} run: took {len(taken)} of "
+         f"{len(own)} tensors; fresh: {', '.join(fresh)}")
 
 
 def validate(model, pairs: list, task: str, scale: int, device, d: distributed.Dist) -> tuple[float, float, int]:
