@@ -32,9 +32,9 @@ to the device and its output back, so tiled inference holds one tile on the GPU 
 size is bounded by host memory. Given `oom_retry`, a CUDA out-of-memory error reruns the image
 in tiles of half the side that failed, halving until it fits (``OOM_MIN_TILE``).
 
-``auto_tile`` decides when whole-image inference on the CPU would take too long: the non-local
-blocks cost (H*W)^2 scores each, so past a few hundred pixels a side they dominate everything
-and overlapping tiles are far cheaper (see AUTO_TILE_SECONDS). The GPU always runs whole images.
+``auto_tile`` tiles CPU inference: the non-local blocks cost (H*W)^2 scores each, so on the CPU
+every image larger than the model's tile runs in overlapping tiles (see CPU_TILE); the GPU runs
+whole images. ``auto_precision`` picks bf16 on CPUs with native bf16 arithmetic.
 """
 from __future__ import annotations
 
@@ -47,9 +47,10 @@ from torch import Tensor
 from rnan_fast.imresize import to_uint8
 
 __all__ = ["model_scale", "model_colors", "forward_tiled", "forward_chop", "forward_x8",
-           "restore_tensor", "restore_array", "restore_image", "DTYPES", "nonlocal_blocks", "attention_scores",
-           "attention_seconds", "cpu_attention_path", "auto_tile", "model_calls", "tile_count", "chop_calls",
-           "AUTO_TILE", "AUTO_TILE_SECONDS", "CPU_NS_PER_SCORE", "OOM_MIN_TILE"]
+           "restore_tensor", "restore_array", "restore_image", "DTYPES", "nonlocal_blocks", "cpu_tiling",
+           "auto_tile", "auto_precision", "model_calls", "tile_count", "chop_calls", "CPU_TILE", "CPU_OVERLAP",
+           "CPU_TILE_BATCH",
+           "OOM_MIN_TILE"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -107,33 +108,43 @@ def tile_count(h: int, w: int, tile: int, overlap: int) -> int:
     return len(_tile_starts(h, tile, overlap)) * len(_tile_starts(w, tile, overlap))
 
 
-def forward_tiled(model: Forward, x: Tensor, tile: int, overlap: int = 32, scale: int = 1) -> Tensor:
+def forward_tiled(model: Forward, x: Tensor, tile: int, overlap: int = 32, scale: int = 1,
+                  tile_batch: int = 1) -> Tensor:
     """Tiled inference. x: (B, C, H, W) -> (B, C', scale*H, scale*W).
 
     tile: tile side in input pixels (>= 1); overlap: minimum overlap of neighbouring tiles in
-    input pixels (0 <= overlap < tile). Tiles run one at a time (peak memory of one tile).
+    input pixels (0 <= overlap < tile). tile_batch: tiles per model call, stacked along the
+    batch axis (all tiles have one size; fewer, larger convolution calls: 1.16x faster per tile
+    at 64x64 in bf16 with 4, BENCHMARKS.md); peak memory is that of tile_batch tiles.
     """
-    tile, overlap, scale = int(tile), int(overlap), int(scale)
+    tile, overlap, scale, tile_batch = int(tile), int(overlap), int(scale), int(tile_batch)
     if tile < 1:
         raise ValueError(f"tile must be a positive number of pixels, got {tile}")
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap must satisfy 0 <= overlap < tile ({tile}), got {overlap}")
-    _, _, h, w = x.shape
+    if tile_batch < 1:
+        raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+    b, _, h, w = x.shape
     ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
     if len(ys) == 1 and len(xs) == 1:
         return model(x)
     th, tw = min(tile, h), min(tile, w)
+    places = [(y0, x0, ylo, yhi, xlo, xhi) for y0, (ylo, yhi) in zip(ys, _owned(ys, tile, h))
+              for x0, (xlo, xhi) in zip(xs, _owned(xs, tile, w))]
     out = None
-    for y0, (ylo, yhi) in zip(ys, _owned(ys, tile, h)):
-        for x0, (xlo, xhi) in zip(xs, _owned(xs, tile, w)):
-            piece = model(x[:, :, y0:y0 + th, x0:x0 + tw])
-            if piece.shape[-2:] != (th * scale, tw * scale):
-                raise ValueError(f"the model maps a {th}x{tw} tile to {tuple(piece.shape[-2:])}, expected "
-                                 f"{th * scale}x{tw * scale} (scale {scale})")
-            if out is None:
-                out = piece.new_empty(x.shape[0], piece.shape[1], h * scale, w * scale)
+    for first in range(0, len(places), tile_batch):
+        group = places[first:first + tile_batch]
+        tiles = [x[:, :, y0:y0 + th, x0:x0 + tw] for y0, x0, *_ in group]
+        pieces = model(torch.cat(tiles) if len(tiles) > 1 else tiles[0])
+        if pieces.shape[-2:] != (th * scale, tw * scale):
+            raise ValueError(f"the model maps a {th}x{tw} tile to {tuple(pieces.shape[-2:])}, expected "
+                             f"{th * scale}x{tw * scale} (scale {scale})")
+        if out is None:
+            out = pieces.new_empty(b, pieces.shape[1], h * scale, w * scale)
+        for k, (y0, x0, ylo, yhi, xlo, xhi) in enumerate(group):
             out[:, :, ylo * scale:yhi * scale, xlo * scale:xhi * scale] = \
-                piece[:, :, (ylo - y0) * scale:(yhi - y0) * scale, (xlo - x0) * scale:(xhi - x0) * scale]
+                pieces[k * b:(k + 1) * b, :, (ylo - y0) * scale:(yhi - y0) * scale,
+                       (xlo - x0) * scale:(xhi - x0) * scale]
     return out
 
 
@@ -222,21 +233,16 @@ def forward_x8(forward: Forward, x: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- CPU auto-tiling
 
-# What whole-image inference costs on the CPU is the non-local attention: every non-local block
-# (2 in RNAN, at full resolution) scores all N^2 query-key pairs, N = H * W, while the convs grow
-# with N only. Per score (fp32, d = 32, B = 1, column softmax, 2-core Xeon with AVX-512, torch
-# 2.14.1, 2026-12-01): the reference path 8.2-10.8 ns at N = 96^2..128^2 and 32768 (the table
-# of the CPU attention work, a quiet machine); the fused C++ kernel 2.7 ns at N = 128^2 in a run
-# where the reference took 86 ns, i.e. on a machine loaded ~8x (BENCHMARKS.md, CPU section). The
-# figures below are the quiet-machine reference and a rounded-up kernel figure. Past
-# AUTO_TILE_SECONDS (20 s) of attention a whole image is not worth the wait: 2 blocks reach it at
-# N ~ 31,600 (~178^2 pixels) on the reference and N ~ 70,700 (~266^2) on the kernel. A 512x512
-# image whole needs 1.4e11 scores (~23 min on the reference, ~5 min on the kernel); in 128-pixel
-# tiles overlapping by 32 (25 tiles of N = 16,384) it needs 1.3e10 (~2 min, ~27 s) plus ~1.6x
-# the conv work of the whole image (the overlaps).
-CPU_NS_PER_SCORE = {"reference": 10.0, "extension": 2.0}
-AUTO_TILE_SECONDS = 20.0
-AUTO_TILE = 128
+# On the CPU every image larger than one tile runs in overlapping tiles of the model's own size.
+# What a tile costs is mostly the non-local attention: each of RNAN's 2 non-local blocks scores
+# all N^2 query-key pairs of its input (N = tile side^2), so the attention per output pixel grows
+# with the tile's area while the convolutions' does not; whole-image attention measured no PSNR
+# over tiles (MODEL_ZOO.md), and the shipped models were trained on 48-64 pixel patches.
+# Measured for the default denoiser (BENCHMARKS.md, "Restore on the CPU"): CPU_TILE / CPU_OVERLAP
+# below. A shipped model's card may name its own ("inference": {"cpu_tile": T, "cpu_overlap": P}).
+CPU_TILE = 64
+CPU_OVERLAP = 16
+CPU_TILE_BATCH = 4   # tiles per model call on the CPU (forward_tiled)
 
 
 def nonlocal_blocks(model) -> int:
@@ -247,41 +253,41 @@ def nonlocal_blocks(model) -> int:
     return sum(isinstance(m, NonLocalBlock2D) for m in modules()) if callable(modules) else 0
 
 
-def attention_scores(model, h: int, w: int) -> int:
-    """Query-key scores one whole-image forward of `model` on an h x w input computes."""
-    n = int(h) * int(w)
-    return nonlocal_blocks(model) * n * n
+def cpu_tiling(card: dict | None = None) -> tuple[int, int]:
+    """(tile, overlap) of CPU inference: a model card's "inference" entry, else (CPU_TILE,
+    CPU_OVERLAP)."""
+    entry = (card or {}).get("inference") or {}
+    return int(entry.get("cpu_tile", CPU_TILE)), int(entry.get("cpu_overlap", CPU_OVERLAP))
 
 
-def cpu_attention_path(dtype: torch.dtype = torch.float32) -> str:
-    """The kernel that CPU attention of `dtype` takes under the current backend: "extension"
-    (the fused C++ kernel: built, fp32/bf16, backend not "reference") or "reference"."""
-    from rnan_fast import _ext
-    from rnan_fast._backend import get_backend
-
-    if _ext.EXTENSION_ATTENTION and get_backend() != "reference" and dtype in (torch.float32, torch.bfloat16):
-        return "extension"
-    return "reference"
-
-
-def attention_seconds(model, h: int, w: int, dtype: torch.dtype = torch.float32) -> float:
-    """Estimated CPU time of the attention in one whole-image forward (CPU_NS_PER_SCORE)."""
-    return attention_scores(model, h, w) * CPU_NS_PER_SCORE[cpu_attention_path(dtype)] * 1e-9
-
-
-def auto_tile(model, h: int, w: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> int | None:
-    """The tile side for an h x w image when whole-image attention would take more than
-    AUTO_TILE_SECONDS on the CPU; None (whole image) otherwise, and always on other devices
-    (the GPU kernels take whole images)."""
-    if torch.device(device).type != "cpu" or attention_seconds(model, h, w, dtype) <= AUTO_TILE_SECONDS:
+def auto_tile(model, h: int, w: int, device: torch.device | str,
+              tiling: tuple[int, int] = (CPU_TILE, CPU_OVERLAP)) -> tuple[int, int] | None:
+    """(tile, overlap) for an h x w image on `device`: the CPU tiles (`tiling`, overlap at most
+    half a tile) when the image is larger than one tile and the model has non-local blocks;
+    None (whole image) otherwise, and always on other devices (the GPU kernels take whole images)."""
+    tile, overlap = tiling
+    if torch.device(device).type != "cpu" or nonlocal_blocks(model) == 0 or max(h, w) <= tile:
         return None
-    return AUTO_TILE
+    return tile, min(overlap, tile // 2)
+
+
+def auto_precision(device: torch.device | str) -> str:
+    """--precision auto: "bf16" on a CPU with native bf16 arithmetic (AVX-512 BF16 or AMX, where
+    oneDNN's bf16 convolutions run ~1.6x faster than fp32 at equal PSNR, BENCHMARKS.md), else "fp32"."""
+    if torch.device(device).type != "cpu":
+        return "fp32"
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    try:
+        return "bf16" if any(getattr(torch.cpu, p, lambda: False)() for p in probes) else "fp32"
+    except RuntimeError:   # a build without the probes' CPU support
+        return "fp32"
 
 
 def model_calls(h: int, w: int, tile: int | None = None, overlap: int = 32, chop: bool = False,
                 self_ensemble: bool = False, scale: int = 1) -> int:
-    """How many model calls restore_tensor makes on an h x w input with these options (the
-    total its progress callback counts to). Self-ensemble members 4..7 see the transposed size."""
+    """How many model calls restore_tensor makes on an h x w input with these options, tiles
+    counted one by one whatever tile_batch (the total its progress callback counts to).
+    Self-ensemble members 4..7 see the transposed size."""
     def calls(hh, ww):
         if tile is not None:
             return tile_count(hh, ww, tile, overlap)
@@ -293,13 +299,15 @@ def model_calls(h: int, w: int, tile: int | None = None, overlap: int = 32, chop
 
 # --------------------------------------------------------------------------- entry points
 
-def _counting(model: Forward, total: int, progress: Progress) -> Forward:
+def _counting(model: Forward, total: int, progress: Progress, batch: int) -> Forward:
+    """model, calling progress(done, total) after each call; a call on k stacked tiles of a
+    `batch`-image input counts k."""
     done = 0
 
     def forward(v: Tensor) -> Tensor:
         nonlocal done
         out = model(v)
-        done += 1
+        done += max(1, v.shape[0] // batch)
         progress(done, total)
         return out
     return forward
@@ -312,9 +320,14 @@ OOM_MIN_TILE = 64
 
 
 def _on_device(model: Forward, device, dtype, home: torch.device) -> Forward:
-    """model with each input moved to `device` / `dtype` and each output back to `home`."""
+    """model with each input moved to `device` / `dtype` and each output back to `home`. On the
+    CPU the input goes in channels-last layout, which oneDNN's convolutions run fastest (a 64x64
+    tile of the shipped denoiser: 1.25x faster in bf16, 1.15x in fp32; the same values)."""
+    layout = torch.channels_last if torch.device(device if device is not None else home).type == "cpu" \
+        else torch.preserve_format
+
     def forward(v: Tensor) -> Tensor:
-        return model(v.to(device=device, dtype=dtype)).to(home)
+        return model(v.to(device=device, dtype=dtype, memory_format=layout)).to(home)
     return forward
 
 
@@ -322,16 +335,16 @@ def restore_tensor(model, x: Tensor, tile: int | None = None, overlap: int = 32,
                    self_ensemble: bool = False, scale: int | None = None,
                    progress: Progress | None = None, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None, oom_retry: Callable[[int], None] | None = None,
-                   period: int = 1) -> Tensor:
+                   period: int = 1, tile_batch: int = 1) -> Tensor:
     """Restore a batch. x: (B, C, H, W) float, 0..255 values; returns (B, C', scale*H, scale*W)
     in the model's output dtype, unclamped, on x's device.
 
     tile: tiled inference with tiles of `tile` input pixels overlapping by `overlap` (None:
-    whole image). chop: the official forward_chop instead (not combinable with tile).
+    whole image), `tile_batch` tiles per model call (forward_tiled). chop: the official forward_chop instead (not combinable with tile).
     self_ensemble: average over the 8 flips/transposes (wraps whichever of the above runs).
     scale: the model's scale (default: read from model.config / model.scale).
-    progress: called as progress(done, total) after each model call (a tile, a chop quadrant,
-    a whole image; total = model_calls(...)), e.g. to drive a progress bar. A retry (oom_retry)
+    progress: called as progress(done, total) after each model call (done counts tiles, chop
+    quadrants or whole images; total = model_calls(...)), e.g. to drive a progress bar. A retry (oom_retry)
     counts again from 1 with its own total.
     device, dtype: where and in what dtype the model runs (None: x's own). x stays where it is
     (e.g. the host); each model call's input alone is moved there and its output back, so tiled
@@ -363,7 +376,7 @@ def restore_tensor(model, x: Tensor, tile: int | None = None, overlap: int = 32,
     h, w = x.shape[-2:]
     if h % period or w % period:
         x = torch.nn.functional.pad(x, (0, (-w) % period, 0, (-h) % period))
-    run = dict(overlap=overlap, chop=chop, self_ensemble=self_ensemble, s=s, progress=progress)
+    run = dict(overlap=overlap, chop=chop, self_ensemble=self_ensemble, s=s, progress=progress, tile_batch=tile_batch)
     if device is not None or dtype is not None:
         model = _on_device(model, device, dtype, x.device)
     if oom_retry is None or chop:
@@ -386,14 +399,14 @@ def restore_tensor(model, x: Tensor, tile: int | None = None, overlap: int = 32,
 
 
 def _restore(model: Forward, x: Tensor, tile: int | None, overlap: int, chop: bool, self_ensemble: bool,
-             s: int, progress: Progress | None) -> Tensor:
+             s: int, progress: Progress | None, tile_batch: int) -> Tensor:
     """One attempt of restore_tensor (model already wrapped to take x where it is; s: its scale)."""
     if progress is not None:
         model = _counting(model, model_calls(x.shape[-2], x.shape[-1], tile, overlap, chop, self_ensemble, s),
-                          progress)
+                          progress, x.shape[0])
     if tile is not None:
         def forward(v):
-            return forward_tiled(model, v, tile, overlap, s)
+            return forward_tiled(model, v, tile, overlap, s, tile_batch)
     elif chop:
         def forward(v):
             return forward_chop(model, v, s)

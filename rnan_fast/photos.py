@@ -92,12 +92,12 @@ def restored_photo(photo: Photo, restored: np.ndarray, scale: int = 1, task: str
 
 
 def _resolve_model(model, device, dtype):
-    """(the model on device/dtype in eval mode, its card's task or None) of restore_file's `model`."""
+    """(the model on device/dtype in eval mode, its card or None) of restore_file's `model`."""
     import torch
 
     from rnan_fast.model import RNAN
 
-    task = None
+    card = None
     if model is None or isinstance(model, (str, os.PathLike)):
         from rnan_fast import weights
 
@@ -106,18 +106,19 @@ def _resolve_model(model, device, dtype):
         if path.suffix and path.exists():
             net = RNAN.from_checkpoint(str(path))
         else:
-            net, card = weights.load_with_card(str(name))   # one read of the card: weights and task
-            task = card["task"]
+            net, card = weights.load_with_card(str(name))   # one read of the card: weights, task, tiles
     elif isinstance(model, torch.nn.Module):
         net = model
     else:
         raise TypeError(f"model must be an nn.Module, a shipped model's name or a checkpoint path, got "
                         f"{type(model).__name__}")
-    return net.to(device=device, dtype=dtype).eval(), task
+    net = net.to(device=device, dtype=dtype).eval()
+    return (net.to(memory_format=torch.channels_last) if device.type == "cpu" else net), card
 
 
 def restore_file(path_in: str | os.PathLike, path_out: str | os.PathLike, model=None, *, device: str = "cpu",
-                 precision: str = "fp32", tile: int | str | None = "auto", overlap: int = 32, chop: bool = False,
+                 precision: str = "auto", tile: int | str | None = "auto", overlap: int | None = None,
+                 chop: bool = False,
                  self_ensemble: bool = False, strength: float = 1.0, quality: int = DEFAULT_QUALITY,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[str]:
     """Restore one image file into another, keeping what the photo carries (rnan_fast.image_io):
@@ -127,9 +128,11 @@ def restore_file(path_in: str | os.PathLike, path_out: str | os.PathLike, model=
 
     model: an RNAN (or any image-to-image nn.Module with .config / .scale), a shipped model's
     name (`rnan-fast models`), a checkpoint path, or None for the default denoiser.
-    tile: "auto" (CPU: overlapping tiles where whole-image attention would be slow, as the
-    command line does), None (whole image) or a tile side in pixels; overlap, chop,
-    self_ensemble: as rnan_fast.inference.restore_tensor. strength: 0..1, the share of the
+    precision: "auto" (bf16 on CPUs with native bf16 arithmetic, else fp32: inference.auto_precision),
+    "fp32", "bf16" or "fp16". tile: "auto" (CPU: images larger than the model's tile run in its
+    overlapping tiles, as the command line does), None (whole image) or a tile side in pixels;
+    overlap: None for the model's own (inference.cpu_tiling); chop, self_ensemble: as
+    rnan_fast.inference.restore_tensor. strength: 0..1, the share of the
     restored image in the output (blend with the input; models that keep the size, not SR or
     demosaicing). quality: JPEG / WebP quality.
     Returns notes on what had to change (e.g. alpha dropped for a JPEG output).
@@ -137,18 +140,24 @@ def restore_file(path_in: str | os.PathLike, path_out: str | os.PathLike, model=
     the model does not take (a full colour image for a demosaicing model)."""
     import torch
 
-    from rnan_fast.inference import DTYPES, auto_tile, model_colors, model_scale, restore_array
+    from rnan_fast.inference import (CPU_TILE_BATCH, DTYPES, auto_precision, auto_tile, cpu_tiling, model_colors,
+                                     model_scale, restore_array)
 
-    dtype = DTYPES[precision]
     device = torch.device(device)
-    net, task = _resolve_model(model, device, dtype)
+    dtype = DTYPES[auto_precision(device) if precision == "auto" else precision]
+    net, card = _resolve_model(model, device, dtype)
+    task = card["task"] if card else None
+    own_tile, own_overlap = cpu_tiling(card)
+    overlap = own_overlap if overlap is None else overlap
     check_strength(strength, model_scale(net), task)
     photo = read_photo(path_in, max_pixels=max_pixels)
     pixels, note = model_input(photo, model_colors(net), task)
     notes = list(photo.notes) + ([note] if note else [])
     if tile == "auto":
-        tile = None if chop else auto_tile(net, *pixels.shape[:2], device, dtype)
+        tiling = None if chop else auto_tile(net, *pixels.shape[:2], device, (own_tile, overlap))
+        tile, overlap = tiling or (None, overlap)
     restored = restore_array(net, pixels, device=device, dtype=dtype, tile=tile, overlap=overlap, chop=chop,
-                             self_ensemble=self_ensemble, period=2 if task == "demosaic" else 1)
+                             self_ensemble=self_ensemble, period=2 if task == "demosaic" else 1,
+                             tile_batch=CPU_TILE_BATCH if device.type == "cpu" else 1)
     out = restored_photo(photo, blend(pixels, restored, strength), model_scale(net), task)
     return notes + write_photo(path_out, out, quality=quality)

@@ -100,3 +100,15 @@ def official_ops(monkeypatch):
         patcher.setattr(rnan_fast.ops, "gated_residual",
                         lambda x, mask_logits, trunk, backend=None: trunk * torch.sigmoid(mask_logits) + x)
     return apply
+
+
+@pytest.fixture(autouse=True)
+def _auto_precision_is_fp32():
+    """`--precision auto` resolves to fp32 in every in-process test, whatever the CPU: the tests
+    compare command-line outputs with fp32 references, and must not depend on the machine's ISA.
+    (The probes are what inference.auto_precision reads; test_auto_precision sets them itself.
+    A patcher of its own, so that a test's monkeypatch.undo() keeps it.)"""
+    with pytest.MonkeyPatch.context() as mp:
+        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+            mp.setattr(torch.cpu, probe, lambda: False, raising=False)
+        yield

@@ -13,6 +13,7 @@ from rnan_fast import RNAN, cli
 from rnan_fast import data as D
 from rnan_fast import inference as I
 from rnan_fast.cli import tiling
+from rnan_fast.cli.common import run_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,29 +28,29 @@ def net():
     return m.eval()
 
 
-def test_auto_tile_threshold(net, monkeypatch):
+def test_auto_tile_rule(net):
+    """CPU: the model's tiles once an image side exceeds one tile (overlap at most half a tile);
+    GPU, and models without non-local blocks: whole images."""
     assert I.nonlocal_blocks(net) == 2
-    assert I.attention_scores(net, 10, 30) == 2 * 300 ** 2
-    assert I.AUTO_TILE_SECONDS == 20 and I.CPU_NS_PER_SCORE == {"reference": 10.0, "extension": 2.0}
-    # the reference path (10 ns/score): 2 x N^2 scores pass 20 s between N = 177*178 and 178*178
-    with rnan_fast.use_backend("reference"):
-        assert I.cpu_attention_path(torch.float32) == "reference"
-        assert I.attention_seconds(net, 177, 178) <= 20 < I.attention_seconds(net, 178, 178)
-        assert I.auto_tile(net, 177, 178, "cpu") is None
-        assert I.auto_tile(net, 178, 178, "cpu") == I.AUTO_TILE
-        assert I.auto_tile(net, 512, 768, torch.device("cpu")) == I.AUTO_TILE
-    # the C++ kernel (2 ns/score), where built: between N = 265*266 and 266*266; float64 and
-    # float16 stay on the reference
-    monkeypatch.setattr(rnan_fast._ext, "EXTENSION_ATTENTION", True)
-    assert I.cpu_attention_path(torch.float32) == I.cpu_attention_path(torch.bfloat16) == "extension"
-    assert I.cpu_attention_path(torch.float64) == I.cpu_attention_path(torch.float16) == "reference"
-    assert I.auto_tile(net, 265, 266, "cpu") is None and I.auto_tile(net, 266, 266, "cpu") == I.AUTO_TILE
-    assert I.auto_tile(net, 265, 266, "cpu", torch.float64) == I.AUTO_TILE
-    monkeypatch.setattr(rnan_fast._ext, "EXTENSION_ATTENTION", False)
-    assert I.cpu_attention_path(torch.float32) == "reference"
-    # the GPU takes whole images; a model without non-local blocks never tiles
+    assert (I.CPU_TILE, I.CPU_OVERLAP) == I.cpu_tiling(None) == I.cpu_tiling({"task": "denoise_rgb"})
+    assert I.cpu_tiling({"inference": {"cpu_tile": 48, "cpu_overlap": 8}}) == (48, 8)
+    assert I.auto_tile(net, 64, 64, "cpu", (64, 16)) is None
+    assert I.auto_tile(net, 64, 65, "cpu", (64, 16)) == (64, 16)
+    assert I.auto_tile(net, 512, 768, torch.device("cpu"), (48, 40)) == (48, 24)
     assert I.auto_tile(net, 2048, 2048, "cuda") is None and I.auto_tile(net, 2048, 2048, "cuda:1") is None
     assert I.auto_tile(nn.Conv2d(3, 3, 3), 4096, 4096, "cpu") is None
+
+
+def test_auto_precision(monkeypatch):
+    """bf16 where the CPU has native bf16 arithmetic (either probe), fp32 elsewhere and on GPUs."""
+    for avx, amx, want in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert I.auto_precision("cpu") == want
+    assert I.auto_precision("cuda") == "fp32"
+    args = cli.build_parser().parse_args(["restore", "x.png"])
+    assert args.precision == "auto" and run_options(args, torch.device("cpu")).precision == "fp32"
+    assert run_options(args, torch.device("cuda")).precision == "fp32"
 
 
 def _count(model):
@@ -98,21 +99,19 @@ def images(tmp_path):
 
 @pytest.fixture
 def small_threshold(monkeypatch):
-    """Auto-tiling at toy sizes: past 2 x (20*20)^2 scores on either path, 24-pixel tiles."""
-    monkeypatch.setattr(I, "CPU_NS_PER_SCORE", {"reference": 1.0, "extension": 1.0})
-    monkeypatch.setattr(I, "AUTO_TILE_SECONDS", 2 * 400 ** 2 * 1e-9)
-    monkeypatch.setattr(I, "AUTO_TILE", 24)
+    """Auto-tiling at toy sizes: 24-pixel tiles (small.png, 12x10, runs whole)."""
+    monkeypatch.setattr(I, "CPU_TILE", 24)
 
 
 def test_restore_auto_tiles_once_said_and_whole_overrides(net, images, tmp_path, capsys, small_threshold):
     ckpt = tmp_path / "w.pt"
     torch.save(net.state_dict(), ckpt)
-    base = ["restore", "--weights", ckpt, "--quiet", "--tile-overlap", 8, images]
+    base = ["restore", "--weights", ckpt, "--quiet", "--tile-overlap", 8, "--precision", "fp32", images]
     code, _, err = _run(base + ["-o", tmp_path / "auto"], capsys)
     assert code == 0, err
     notes = [line for line in err.splitlines() if "overlapping" in line]
     assert len(notes) == 1, err  # two images tile; said once
-    assert "24x24 tiles" in notes[0] and "--whole" in notes[0] and "a.png (36x40)" in notes[0]
+    assert "larger than 24x24" in notes[0] and "--whole" in notes[0] and "a.png, 36x40" in notes[0]
     for name in ("a.png", "b.png"):
         img = D.read_image(images / name)
         got = D.read_image(tmp_path / "auto" / name)
@@ -136,13 +135,18 @@ def test_restore_auto_tiles_once_said_and_whole_overrides(net, images, tmp_path,
 
 
 def test_auto_tile_overlap_fits_the_tile(net, monkeypatch):
-    monkeypatch.setattr(I, "AUTO_TILE_SECONDS", 0)
-    monkeypatch.setattr(I, "AUTO_TILE", 20)
+    monkeypatch.setattr(I, "CPU_TILE", 20)
     args = cli.build_parser().parse_args(["restore", "x.png", "--tile-overlap", "32", "--quiet"])
-    runner = tiling.ImageRunner(args, net, torch.device("cpu"), torch.float32)
+    runner = tiling.ImageRunner(run_options(args, torch.device("cpu")), net)
     assert runner.options(np.zeros((50, 50, 3), np.uint8), "x")["overlap"] == 10
-    runner = tiling.ImageRunner(args, net, torch.device("cuda"), torch.float32)  # no CUDA call is made
+    runner = tiling.ImageRunner(run_options(args, torch.device("cuda")), net)  # no CUDA call is made
     assert runner.options(np.zeros((5000, 5000, 3), np.uint8), "x")["tile"] is None
+    # the card's tiles, and its overlap when none is given
+    args = cli.build_parser().parse_args(["restore", "x.png", "--quiet"])
+    card = {"task": "denoise_rgb", "inference": {"cpu_tile": 30, "cpu_overlap": 6}}
+    runner = tiling.ImageRunner(run_options(args, torch.device("cpu")), net, card)
+    opts = runner.options(np.zeros((50, 50, 3), np.uint8), "x")
+    assert (opts["tile"], opts["overlap"]) == (30, 6)
 
 
 def test_eval_auto_tiles_with_a_progress_bar(net, images, tmp_path, capsys, small_threshold, monkeypatch):
@@ -150,19 +154,19 @@ def test_eval_auto_tiles_with_a_progress_bar(net, images, tmp_path, capsys, smal
     ckpt = tmp_path / "w.pt"
     torch.save(net.state_dict(), ckpt)
     code, out, err = _run(["eval", "--weights", ckpt, "--task", "denoise_rgb", "--sigma", 20, "--data", images,
-                           "--tile-overlap", 8, "--no-ssim"], capsys)
+                           "--tile-overlap", 8, "--no-ssim", "--precision", "fp32"], capsys)
     assert code == 0, err
-    assert len([line for line in err.splitlines() if "overlapping 24x24 tiles" in line]) == 1
+    assert len([line for line in err.splitlines() if "larger than 24x24 run in overlapping tiles" in line]) == 1
     # a.png (40x36) runs in 2 x 2 tiles of 24 with overlap 8: the bar counts them
     total = I.tile_count(40, 36, 24, 8)
     assert total == 4 and re.search(rf"a\.png: .*/{total} .*tile/s", err), err
     # a whole image: a bar over the model's 5 stages (head, 2 non-local groups, body conv, tail)
     assert re.search(r"small\.png: .*/5 .*stage/s", err), err
     code, out, err = _run(["eval", "--weights", ckpt, "--task", "denoise_rgb", "--sigma", 20, "--data", images,
-                           "--whole", "--self-ensemble", "--no-ssim", "--limit", 1], capsys)
+                           "--whole", "--self-ensemble", "--no-ssim", "--limit", 1, "--precision", "fp32"], capsys)
     assert code == 0 and re.search(r"a\.png: .*/40 .*stage/s", err), err
-    args = cli.build_parser().parse_args(["restore", "x.png", "--whole", "--quiet"])
+    args = cli.build_parser().parse_args(["restore", "x.png", "--whole", "--quiet", "--precision", "fp32"])
     img = D.read_image(images / "a.png")
-    out = tiling.ImageRunner(args, net, torch.device("cpu"), torch.float32).run(img, "a.png")
+    out = tiling.ImageRunner(run_options(args, torch.device("cpu")), net).run(img, "a.png")
     assert np.array_equal(out, I.restore_image(net, img))
     assert all(not m._forward_hooks for m in net.modules())  # the stage hooks are gone again

@@ -6,7 +6,7 @@ from torch import nn
 
 from rnan_fast import RNAN
 from rnan_fast.inference import (chop_min_size, forward_chop, forward_tiled, forward_x8, model_colors, model_scale,
-                                 restore_image, restore_tensor)
+                                 restore_image, restore_tensor, tile_count)
 
 
 class LocalNet(nn.Module):
@@ -78,6 +78,47 @@ def test_tiled_overlap_too_small_differs():
     x = _x(40, 40).double()
     with torch.no_grad():
         assert (forward_tiled(net, x, 16, 2) - net(x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_batched_tiles_equal_one_by_one(scale):
+    """tile_batch stacks tiles along the batch axis: the result equals one tile per call exactly
+    (a non-local RNAN in float64, a 2-image batch, a last group smaller than tile_batch), and
+    the progress callback still counts tiles."""
+    torch.manual_seed(3)
+    net = RNAN(n_colors=3, scale=scale, n_feats=8, n_resgroups=2).double().eval()
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 29, 37, generator=g, dtype=torch.float64) * 255
+    with torch.no_grad():
+        one = forward_tiled(net, x, 16, 6, scale)
+        calls = Counting(net)
+        for batch in (2, 4, 100):
+            calls.calls = 0
+            got = forward_tiled(calls, x, 16, 6, scale, tile_batch=batch)
+            assert torch.equal(got, one), batch
+            assert calls.calls == -(-12 // batch)    # 3 x 4 tiles
+    seen = []
+    out = restore_tensor(net, x, tile=16, overlap=6, tile_batch=4, progress=lambda d, t: seen.append((d, t)))
+    assert tile_count(29, 37, 16, 6) == 12
+    assert torch.equal(out, one) and seen == [(4, 12), (8, 12), (12, 12)]
+    with pytest.raises(ValueError, match="tile_batch"):
+        forward_tiled(net, x, 16, 6, scale, tile_batch=0)
+
+
+def test_cpu_inference_in_channels_last_is_the_same():
+    """restore_tensor feeds CPU inputs in channels-last layout (and the CLI stores the weights
+    so): the values equal the contiguous run's in float64, for a non-contiguous input too."""
+    torch.manual_seed(5)
+    net = RNAN(n_colors=3, scale=1, n_feats=8, n_resgroups=2).double().eval()
+    g = torch.Generator().manual_seed(6)
+    x = (torch.rand(1, 3, 23, 40, generator=g, dtype=torch.float64) * 255)[..., ::2]   # a strided view
+    with torch.no_grad():
+        plain = net(x.contiguous())
+        got = restore_tensor(net, x, device="cpu", dtype=torch.float64)
+        torch.testing.assert_close(got, plain, rtol=0, atol=1e-9)
+        net = net.to(memory_format=torch.channels_last)
+        got = restore_tensor(net, x, device="cpu", dtype=torch.float64, tile=12, overlap=4, tile_batch=3)
+        torch.testing.assert_close(got, forward_tiled(net, x.contiguous(), 12, 4), rtol=0, atol=1e-9)
 
 
 # --------------------------------------------------------------------------- official chop

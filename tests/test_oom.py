@@ -1,7 +1,6 @@
 """Out of GPU memory, without a GPU: models that raise torch.OutOfMemoryError (what the CUDA
 caching allocator raises) above an input size. Inference retries in halved tiles; the CLI says
 so once per image; training stops with the batch and patch sizes to lower."""
-import argparse
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ import torch
 from PIL import Image
 
 from rnan_fast import cli
+from rnan_fast.cli.common import RunOptions
 from rnan_fast.inference import OOM_MIN_TILE, forward_tiled, restore_array, restore_image, restore_tensor
 from rnan_fast.train import loop
 
@@ -101,12 +101,11 @@ def test_image_runner_says_once_per_image_and_retries(monkeypatch, capsys):
             progress(1, 4)
         return img
     monkeypatch.setattr(inference, "restore_image", fake_restore)
-    args = argparse.Namespace(tile=None, tile_overlap=32, chop=False, whole=True, self_ensemble=False, quiet=False)
     img = np.zeros((300, 256, 3), np.uint8)
-    tiling.ImageRunner(args, Limited(10), torch.device("cuda", 0), torch.float32).run(img, "big.png")
+    tiling.ImageRunner(RunOptions(torch.device("cuda", 0), whole=True), Limited(10)).run(img, "big.png")
     err = capsys.readouterr().err
     assert err.count("ran out of GPU memory") == 1 and "big.png (256x300)" in err and "128x128 tiles" in err
-    tiling.ImageRunner(args, Limited(10), torch.device("cpu"), torch.float32).run(img, "big.png")
+    tiling.ImageRunner(RunOptions(torch.device("cpu"), whole=True), Limited(10)).run(img, "big.png")
     assert seen[0] is not None and seen[1] is None and "GPU memory" not in capsys.readouterr().err
 
 

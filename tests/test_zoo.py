@@ -87,6 +87,9 @@ def check_model(name, data_dir):
     if task.startswith("denoise"):
         what = f"sigma {weights.check_sigma(card)}"
         degraded = D.add_gaussian_noise(clean, weights.check_sigma(card), seed=0)
+    elif task == "car":   # JPEG at the card's quality
+        what = f"JPEG quality {card['noise']['quality']}"
+        degraded = D.degrade(clean, task, quality=card["noise"]["quality"])[1]
     else:
         what = task
         degraded = D.degrade(clean, task)[1]

@@ -19,9 +19,10 @@
 
 restore: INPUT are image files or folders (their images; subfolders with --recursive, mirrored
 under OUTDIR). The model: --weights (a checkpoint), --model (a shipped one: `models`), else the
-default color denoiser that ships (rnan_fast.weights). On the CPU, images whose whole-image
-attention would take more than ~20 s run in overlapping tiles unless --whole
-(rnan_fast.inference.auto_tile). The architecture comes from the checkpoint. Photos are read and
+default color denoiser that ships (rnan_fast.weights). On the CPU, images larger than the model's
+tile (64 pixels for the shipped models) run in its overlapping tiles unless --whole
+(rnan_fast.inference.auto_tile), in bf16 where the CPU has native bf16 arithmetic
+(--precision auto: rnan_fast.inference.auto_precision). The architecture comes from the checkpoint. Photos are read and
 written by rnan_fast.image_io (orientation applied; ICC profile, EXIF, alpha, 16 bits and gray
 kept) and fitted to the model by rnan_fast.photos. Output: OUTDIR/<stem><suffix>.<ext>, written
 atomically (temporary file in the output folder, then os.replace). Before any work, every

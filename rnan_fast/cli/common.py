@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PROG = "rnan-fast"
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPT = 0, 1, 2, 130
@@ -36,17 +38,20 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inference")
     g.add_argument("--device", default="auto",
                    help="auto (default: cuda when torch sees a usable GPU, else cpu), cpu, or cuda / cuda:N")
-    g.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="model weights and activations dtype (default fp32)")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="model weights and activations dtype (default auto: bf16 on a CPU with native bf16 "
+                        "arithmetic, AVX-512 BF16 or AMX, where it holds PSNR and runs faster; else fp32)")
     g.add_argument("--backend", default=None, choices=("auto", "reference", "fast"),
                    help="kernel backend (default: RNAN_FAST_BACKEND or auto)")
     g.add_argument("--tile", type=int, default=None, metavar="N",
-                   help="tiled inference with N x N input tiles (default: whole image; on the CPU, "
-                        "128-pixel tiles for images whose attention would take more than ~20 s)")
+                   help="tiled inference with N x N input tiles (default: whole images on a GPU; on the "
+                        "CPU, images larger than the model's tile run in its tiles, 64 pixels for the shipped "
+                        "models)")
     g.add_argument("--whole", action="store_true",
                    help="whole-image inference also where the CPU would tile (attention grows with (H*W)^2)")
-    g.add_argument("--tile-overlap", type=int, default=32, metavar="P",
-                   help="minimum overlap of neighbouring tiles in input pixels (default 32)")
+    g.add_argument("--tile-overlap", type=int, default=None, metavar="P",
+                   help="minimum overlap of neighbouring tiles in input pixels (default: the model's, 16 "
+                        "for the shipped models)")
     g.add_argument("--chop", action="store_true",
                    help="the official forward_chop (recursive quadrants), for comparisons with published numbers")
     g.add_argument("--self-ensemble", action="store_true",
@@ -58,7 +63,34 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "only for files you trust (default: weights-only load)")
 
 
-def _check_runtime_args(args) -> None:
+@dataclass(frozen=True)
+class RunOptions:
+    """The inference options of restore, eval and demo, checked and resolved once from the
+    command line (the device chosen, --precision auto picked), then handed to the model load
+    (load_net) and to the image runner (cli.tiling.ImageRunner)."""
+    device: Any                     # torch.device
+    precision: str = "fp32"         # fp32 / bf16 / fp16, never "auto"
+    backend: str | None = None      # --backend, None: RNAN_FAST_BACKEND or auto
+    tile: int | None = None         # --tile N
+    overlap: int | None = None      # --tile-overlap P, None: the model's own (inference.cpu_tiling)
+    whole: bool = False
+    chop: bool = False
+    self_ensemble: bool = False
+    quiet: bool = False
+    trust_checkpoint: bool = False
+
+    @property
+    def dtype(self):
+        from rnan_fast.inference import DTYPES
+
+        return DTYPES[self.precision]
+
+
+def run_options(args, device) -> RunOptions:
+    """RunOptions of parsed arguments (_add_runtime_args) on `device`; UserError for options that
+    exclude each other or are out of range."""
+    from rnan_fast.inference import auto_precision
+
     if args.whole and (args.tile is not None or args.chop):
         raise UserError(f"--whole and {'--tile' if args.tile is not None else '--chop'} exclude each other")
     if args.tile is not None:
@@ -66,9 +98,13 @@ def _check_runtime_args(args) -> None:
             raise UserError("--tile and --chop exclude each other")
         if args.tile < 1:
             raise UserError(f"--tile must be a positive number of pixels, got {args.tile}")
-        if not 0 <= args.tile_overlap < args.tile:
-            raise UserError(f"--tile-overlap must be >= 0 and smaller than --tile ({args.tile}), "
-                            f"got {args.tile_overlap}")
+    if args.tile_overlap is not None and not 0 <= args.tile_overlap < (args.tile or float("inf")):
+        raise UserError(f"--tile-overlap must be >= 0{f' and smaller than --tile ({args.tile})' if args.tile else ''}, "
+                        f"got {args.tile_overlap}")
+    precision = auto_precision(device) if args.precision == "auto" else args.precision
+    return RunOptions(device=device, precision=precision, backend=args.backend, tile=args.tile,
+                      overlap=args.tile_overlap, whole=args.whole, chop=args.chop, self_ensemble=args.self_ensemble,
+                      quiet=args.quiet, trust_checkpoint=args.trust_checkpoint)
 
 
 def _device(name: str):
@@ -132,11 +168,10 @@ def _distributed(name: str):
         raise UserError(str(e)) from None
 
 
-def _load_model(weights: str, device, precision: str, trust: bool = False):
-    """RNAN.from_checkpoint with user-level errors; the model is in eval mode on device/dtype.
-    trust: --trust-checkpoint (torch.load with weights_only=False)."""
-    from rnan_fast.inference import DTYPES
-
+def _load_model(weights: str, opts: RunOptions):
+    """RNAN.from_checkpoint with user-level errors; the model is in eval mode on the options'
+    device and dtype (--trust-checkpoint: torch.load with weights_only=False)."""
+    trust = opts.trust_checkpoint
     path = Path(weights)
     if not path.exists():
         raise UserError(f"weights file not found: {weights}")
@@ -156,20 +191,28 @@ def _load_model(weights: str, device, precision: str, trust: bool = False):
             if "--trust-checkpoint" not in msg:
                 msg += "; if you trust the file, pass --trust-checkpoint"
         raise UserError(f"cannot load the checkpoint: {msg}") from None
-    return net.to(device=device, dtype=DTYPES[precision]).eval()
+    return on_device(net, opts)
 
 
-def _check_backend(name, device, precision: str) -> None:
+def on_device(net, opts: RunOptions):
+    """net in eval mode on the options' device and dtype; on the CPU its weights in channels-last
+    layout, as restore_tensor feeds its inputs there (oneDNN's fastest convolutions)."""
+    import torch
+
+    net = net.to(device=opts.device, dtype=opts.dtype).eval()
+    return net.to(memory_format=torch.channels_last) if opts.device.type == "cpu" else net
+
+
+def _check_backend(opts: RunOptions) -> None:
     """--backend fast: run both ops on tiny tensors of the device and dtype, so a device the
     fast kernels cannot serve is a usage error up front, not a failure on every image."""
-    if name != "fast":
+    if opts.backend != "fast":
         return
     import torch
 
     from rnan_fast import ops
-    from rnan_fast.inference import DTYPES
 
-    dtype = DTYPES[precision]
+    device, dtype, precision = opts.device, opts.dtype, opts.precision
     gen = torch.Generator().manual_seed(0)
     try:
         with torch.inference_mode():
@@ -181,10 +224,6 @@ def _check_backend(name, device, precision: str) -> None:
         raise UserError(f"--backend fast is not available for --device {device} with --precision {precision}: "
                         f"{_first_line(e)}; use --backend auto (the fast kernels where they run, the reference "
                         f"elsewhere) or --backend reference") from None
-
-
-def _restore_kwargs(args) -> dict:
-    return dict(tile=args.tile, overlap=args.tile_overlap, chop=args.chop, self_ensemble=args.self_ensemble)
 
 
 def _progress(iterable, total: int, desc: str, quiet: bool):

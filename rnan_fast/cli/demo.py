@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from rnan_fast import data as D
-from rnan_fast.cli.common import (EXIT_OK, PROG, UserError, _add_runtime_args, _check_backend, _check_runtime_args,
-                                  _device)
+from rnan_fast.cli.common import EXIT_OK, PROG, UserError, _add_runtime_args, _check_backend, _device, run_options
 from rnan_fast.cli.models import add_model_args, load_net, note_sigma
 from rnan_fast.cli.tiling import ImageRunner
 
@@ -61,15 +60,14 @@ def side_by_side(*panels: np.ndarray) -> np.ndarray:
 
 
 def cmd_demo(args) -> int:
-    from rnan_fast.inference import DTYPES, model_colors
+    from rnan_fast.inference import model_colors
     from rnan_fast.metrics import psnr, ssim
 
-    _check_runtime_args(args)
+    opts = run_options(args, _device(args.device))
     if args.sigma < 0:
         raise UserError(f"--sigma must be >= 0, got {args.sigma}")
     if args.crop < 0:
         raise UserError(f"--crop must be >= 0 (0: the whole photo), got {args.crop}")
-    device = _device(args.device)
     outdir = Path(args.output)
     if outdir.exists() and not outdir.is_dir():
         raise UserError(f"output folder {outdir} exists and is not a folder")
@@ -79,8 +77,8 @@ def cmd_demo(args) -> int:
                         f"or choose another -o folder")
     photo = _sample(args.image)
     clean = _crop(photo, args.image, args.crop)
-    _check_backend(args.backend, device, args.precision)
-    net, card = load_net(args, device)
+    _check_backend(opts)
+    net, card = load_net(args, opts)
     note_sigma(card, args.sigma)
     if model_colors(net) == 1:
         clean = D.to_gray(clean)
@@ -88,8 +86,8 @@ def cmd_demo(args) -> int:
     h, w = clean.shape[:2]
     print(f"# {args.image} (scikit-image sample, {SAMPLES[args.image][0]}), {w}x{h}"
           f"{' crop' if clean.shape[:2] != photo.shape[:2] else ''}, Gaussian noise sigma {args.sigma:g} "
-          f"(seed {args.seed}); {net.describe()} on {device}")
-    runner = ImageRunner(args, net, device, DTYPES[args.precision])
+          f"(seed {args.seed}); {net.describe()} on {opts.device}, {opts.precision}")
+    runner = ImageRunner(opts, net, card)
     t0 = time.perf_counter()
     restored = runner.run(noisy, f"{args.image}")
     seconds = time.perf_counter() - t0

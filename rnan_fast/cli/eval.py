@@ -18,7 +18,7 @@ from rnan_fast.cli.models import add_model_args, load_net, model_task, note_sigm
 from rnan_fast.cli.eval_journal import Journal, refuse_unresumed, run_settings
 from rnan_fast.cli.tiling import ImageRunner
 from rnan_fast.cli.common import (EXIT_FAILURES, EXIT_OK, PROG, UserError, _add_runtime_args, _check_backend,
-                                  _check_runtime_args, _distributed, _err, _first_line, _progress, _report,
+                                  run_options, _distributed, _err, _first_line, _progress, _report,
                                   _warn_slow_paths)
 from rnan_fast.data import TASK_COLORS, TASKS
 
@@ -124,9 +124,6 @@ def _describe_task(p: dict, args) -> str:
 
 def cmd_eval(args) -> int:
     from rnan_fast.baselines import BASELINES, BaselineUnavailable, check_baseline
-    from rnan_fast.inference import DTYPES
-
-    _check_runtime_args(args)
     model_given = args.weights is not None or args.model is not None
     if (args.baseline == "input" and model_given) or (args.baseline is None and not model_given):
         raise UserError("give --weights W.pt or --model NAME (restore and score; with --baseline NAME, that "
@@ -154,25 +151,24 @@ def cmd_eval(args) -> int:
     if args.limit is not None:
         files = files[: args.limit]
     net = None
-    device = None
     d = _distributed(args.device if model_given else "cpu")  # torchrun: each rank scores a share
+    opts = run_options(args, d.device)
     if model_given:
-        device = d.device
         _task_params(args, None, model_pending=True)  # option errors before the (slow) model load
-        _check_backend(args.backend, device, args.precision)
-        _warn_slow_paths(device, args.backend, args.quiet or not d.main)
-        net, card = load_net(args, device, default_model=False)
+        _check_backend(opts)
+        _warn_slow_paths(opts.device, opts.backend, args.quiet or not d.main)
+        net, card = load_net(args, opts, default_model=False)
     p = _task_params(args, net)
     if net is not None and "sigma" in p:
         note_sigma(card, p["sigma"], args.quiet)
     if p["task"] == "demosaic" and args.self_ensemble:
         raise UserError("--self-ensemble flips the image, which moves the GRBG mosaic's pattern: not for "
                         "--task demosaic")
-    runner = None if net is None else ImageRunner(args, net, device, DTYPES[args.precision], p["task"])
+    runner = None if net is None else ImageRunner(opts, net, card, p["task"])
     beside = method if net is not None else None   # the method's columns beside the model's
     journal = None
     if args.csv:  # every rank reads (or refuses) the old journal before rank 0 starts a new one
-        journal = Journal(Path(args.csv), run_settings(args, p, files, _model_id(args, card) if net is not None else None,
+        journal = Journal(Path(args.csv), run_settings(args, opts, p, files, _model_id(args, card) if net is not None else None,
                                                        beside), files, args.resume)
         d.barrier()
         if d.main:

@@ -21,19 +21,19 @@ def journal_path(csv_path: Path) -> Path:
     return csv_path.with_name(csv_path.name + ".partial")
 
 
-def run_settings(args, p: dict, data_files: list[Path], model_id: str | None, beside: str | None) -> dict:
+def run_settings(args, opts, p: dict, data_files: list[Path], model_id: str | None, beside: str | None) -> dict:
     """What a resumed run must share with the interrupted one (JSON-able; compared key by key).
     p: the degradation of eval._task_params; model_id: "sha256:..." of the weights, None for a
     baseline-only run; beside: the classical method scored beside the model, if any. The data
-    folder is the images' resolved parent."""
+    folder is the images' resolved parent. opts: the run's RunOptions (precision as resolved)."""
     s = {"task": p["task"], "sigma": p.get("sigma"), "quality": p.get("quality"), "scale": p["scale"],
          "seed": args.seed, "quantize_noisy": args.quantize_noisy, "resize_padding": args.resize_padding,
          "ssim": not args.no_ssim, "data": str(data_files[0].resolve().parent) if data_files else None,
          "model": model_id, "baseline": args.baseline, "beside": beside}
     if model_id is not None:
-        s.update(precision=args.precision, backend=args.backend or os.environ.get("RNAN_FAST_BACKEND", "auto"),
-                 tile=args.tile, tile_overlap=args.tile_overlap, chop=args.chop, whole=args.whole,
-                 self_ensemble=args.self_ensemble)
+        s.update(precision=opts.precision, backend=opts.backend or os.environ.get("RNAN_FAST_BACKEND", "auto"),
+                 tile=opts.tile, tile_overlap=opts.overlap, chop=opts.chop, whole=opts.whole,
+                 self_ensemble=opts.self_ensemble)
     return s
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from rnan_fast.cli.common import EXIT_FAILURES, EXIT_OK, PROG, UserError
+from rnan_fast.cli.common import EXIT_FAILURES, EXIT_OK, PROG, RunOptions, UserError
 from rnan_fast.cli.models import add_model_args, load_net
 
 # The check's input size of a dynamic export: odd, not square, and not the size the export
@@ -64,7 +64,7 @@ def cmd_export(args) -> int:
     existing = [str(o) for o in outputs if o.exists()]
     if existing and not args.overwrite:
         raise UserError(f"{', '.join(existing)} exists; pass --overwrite to replace it")
-    net, _ = load_net(args, torch.device("cpu"))
+    net, _ = load_net(args, RunOptions(torch.device("cpu"), trust_checkpoint=args.trust_checkpoint))
     if args.safetensors is not None:
         path = weights.write_weights(net, args.safetensors, getattr(torch, DTYPES[args.dtype]))
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {DTYPES[args.dtype]}, SHA-256 "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rnan_fast.cli.common import EXIT_OK, PROG, UserError, _load_model, _report
+from rnan_fast.cli.common import EXIT_OK, PROG, UserError, _load_model, _report, on_device
 
 
 def add_model_args(p: argparse.ArgumentParser, default_model: bool) -> None:
@@ -20,8 +20,8 @@ def add_model_args(p: argparse.ArgumentParser, default_model: bool) -> None:
 
 
 def describe_noise(card: dict) -> str:
-    """The degradation a card's model is for: "gaussian sigma 10-50", or the type alone for the
-    tasks without a noise level (e.g. "GRBG mosaic")."""
+    """The degradation a card's model is for: "gaussian sigma 10-50", "JPEG quality 10", or the
+    type alone for the tasks without a level (e.g. "GRBG mosaic")."""
     noise = card["noise"]
     kind = noise.get("type", "gaussian")
     if "sigma" in noise:
@@ -29,6 +29,8 @@ def describe_noise(card: dict) -> str:
     if "sigma_range" in noise:
         lo, hi = noise["sigma_range"]
         return f"{kind} sigma {lo:g}-{hi:g}"
+    if "quality" in noise:
+        return f"{kind} quality {noise['quality']}"
     return kind
 
 
@@ -46,17 +48,16 @@ def note_sigma(card: dict | None, sigma: float, quiet: bool = False) -> None:
                 f"`{PROG} models` lists the shipped models", quiet)
 
 
-def load_net(args, device, default_model: bool = True):
-    """The model the command asked for, in eval mode on `device` and --precision:
+def load_net(args, opts, default_model: bool = True):
+    """The model the command asked for, in eval mode on the RunOptions' device and precision:
     --weights (a checkpoint file), --model NAME, else (default_model) the default color
     denoiser. Returns (net, card or None). A shipped model is announced on stderr."""
     from rnan_fast import weights
-    from rnan_fast.inference import DTYPES
 
     if args.weights is not None and args.model is not None:
         raise UserError("give --weights W.pt or --model NAME, not both")
     if args.weights is not None:
-        return _load_model(args.weights, device, args.precision, args.trust_checkpoint), None
+        return _load_model(args.weights, opts), None
     name = args.model
     if name is None:
         if not default_model:
@@ -66,12 +67,12 @@ def load_net(args, device, default_model: bool = True):
             raise UserError(f"no --weights or --model given, and the default model {name!r} does not ship "
                             f"in {weights.folder()} yet; pass --weights W.pt (`{PROG} models` lists what ships)")
     try:
-        net, card = weights.load_with_card(name, device)
+        net, card = weights.load_with_card(name, opts.device)
     except ValueError as e:  # WeightsError, or CheckpointError from a file that does not load
         raise UserError(str(e)) from None
     _report(f"{PROG}: note: model {name}: {card['task']}, {describe_noise(card)}, {net.describe()}",
             getattr(args, "quiet", False))
-    return net.to(dtype=DTYPES[args.precision]), card
+    return on_device(net, opts), card
 
 
 def model_task(name: str) -> str:

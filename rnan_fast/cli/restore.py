@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from rnan_fast.cli.common import (EXIT_FAILURES, EXIT_OK, PROG, UserError, _add_runtime_args, _check_backend,
-                                  _check_runtime_args, _distributed, _err, _first_line, _progress, _report, _warn,
-                                  _warn_slow_paths)
+                                  _distributed, _err, _first_line, _progress, _report, _warn, _warn_slow_paths,
+                                  run_options)
 from rnan_fast.cli.models import add_model_args, load_net
 from rnan_fast.cli.tiling import ImageRunner
 from rnan_fast.image_io import (DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, IMAGE_EXTENSIONS, OUTPUT_FORMATS, ImageReadError,
@@ -17,10 +17,11 @@ from rnan_fast.photos import blend, check_strength, model_input, restored_photo
 
 RESTORE_EPILOG = """\
 Without --weights or --model, the default color denoiser that ships with rnan_fast runs (a note
-names it; `rnan-fast models` lists the others). On the CPU, images whose whole-image attention
-would take more than ~20 s run in overlapping 128-pixel tiles (said once; --whole forces whole
-images, --tile N chooses the tiles); a bar shows the tiles (or model stages) of an image that
-takes a while.
+names it; `rnan-fast models` lists the others). On the CPU, images larger than the model's tile
+run in its overlapping tiles (64 pixels, overlap 16 for the shipped models: said once; --whole
+forces whole images, --tile N chooses the tiles), in bf16 on CPUs with AVX-512 BF16 or AMX
+(--precision auto; --precision fp32 for fp32); a bar shows the tiles (or model stages) of an
+image that takes a while.
 
 Photos keep what they carry: the EXIF orientation is applied (the output is stored upright,
 orientation 1), the ICC colour profile and the EXIF data are written back, alpha is kept (resized
@@ -148,12 +149,11 @@ def _some(paths: list[Path], k: int = 5) -> str:
 
 
 def cmd_restore(args) -> int:
-    from rnan_fast.inference import DTYPES, model_colors, model_scale
+    from rnan_fast.inference import model_colors, model_scale
 
-    _check_runtime_args(args)
     _check_output_args(args)
     d = _distributed(args.device)  # under torchrun, each rank restores every world_size-th input
-    device = d.device
+    opts = run_options(args, d.device)
     outdir = Path(args.output)
     if outdir.exists() and not outdir.is_dir():
         raise UserError(f"output folder {outdir} exists and is not a folder")
@@ -163,9 +163,9 @@ def cmd_restore(args) -> int:
         batch.report_left_out()
         print(f"{PROG}: nothing to do: all {kept} output(s) exist in {outdir} (--skip-existing)", file=sys.stderr)
         return EXIT_OK
-    _check_backend(args.backend, device, args.precision)
-    _warn_slow_paths(device, args.backend, args.quiet or not d.main)
-    net, card = load_net(args, device)
+    _check_backend(opts)
+    _warn_slow_paths(opts.device, opts.backend, args.quiet or not d.main)
+    net, card = load_net(args, opts)
     n_colors, scale = model_colors(net), model_scale(net)
     task = card["task"] if card else None   # a checkpoint without a card: an image-to-image model
     try:
@@ -176,7 +176,7 @@ def cmd_restore(args) -> int:
     if task == "demosaic" and args.self_ensemble:
         raise UserError("--self-ensemble flips the image, which moves a Bayer mosaic's pattern: not for a "
                         "demosaicing model")
-    runner = ImageRunner(args, net, device, DTYPES[args.precision], task)
+    runner = ImageRunner(opts, net, card)
     mine = batch.pairs[d.rank::d.world_size]
     bar = _progress(mine, len(mine), "restore", args.quiet or not d.main)
 

@@ -1,13 +1,13 @@
-"""How restore and eval run one image: the user's --tile / --chop / --whole, else CPU auto-tiling
-(rnan_fast.inference.auto_tile), with a progress bar inside the image (its tiles, or the model's
-stages of a whole image)."""
+"""How restore, eval and demo run one image: the user's --tile / --chop / --whole, else CPU
+auto-tiling (rnan_fast.inference.auto_tile, in the model's own tiles), with a progress bar inside
+the image (its tiles, or the model's stages of a whole image)."""
 from __future__ import annotations
 
 import sys
 
 import numpy as np
 
-from rnan_fast.cli.common import PROG, _report, _restore_kwargs
+from rnan_fast.cli.common import PROG, RunOptions, _report
 
 # A bar inside an image appears only once the image has run this long (tqdm's delay), so quick
 # images print nothing beyond the per-image bar.
@@ -15,41 +15,51 @@ PROGRESS_DELAY_S = 3.0
 
 
 class ImageRunner:
-    """restore_image / restore_array with the command's options: `run(img, name)` -> uint8 output,
-    `run(img, name, quantize=False)` -> float32 (for 16-bit photos); task "demosaic" keeps every
-    model call on the mosaic's 2x2 pattern."""
+    """restore_image / restore_array with the command's RunOptions: `run(img, name)` -> uint8
+    output, `run(img, name, quantize=False)` -> float32 (for 16-bit photos). card: the shipped
+    model's card (its CPU tiles, its task), None for a checkpoint; task: the eval protocol's task
+    when it differs from the card's (None: the card's). Task "demosaic" keeps every model call
+    on the mosaic's 2x2 pattern."""
 
-    def __init__(self, args, net, device, dtype, task: str | None = None):
-        self.args, self.net, self.device, self.dtype = args, net, device, dtype
+    def __init__(self, opts: RunOptions, net, card: dict | None = None, task: str | None = None):
+        import torch
+
+        from rnan_fast.inference import CPU_TILE_BATCH, cpu_tiling
+
+        self.opts, self.net = opts, net
+        task = task or (card or {}).get("task")
+        self.tiling = cpu_tiling(card)
         # a demosaicing model reads a GRBG mosaic: every model call starts on its 2x2 pattern
-        self.kwargs = dict(_restore_kwargs(args), period=2 if task == "demosaic" else 1)
+        overlap = opts.overlap if opts.overlap is not None else self.tiling[1]
+        if opts.tile is not None:
+            overlap = min(overlap, opts.tile - 1)
+        on_cpu = torch.device(opts.device).type == "cpu"
+        self.kwargs = dict(tile=opts.tile, overlap=overlap, chop=opts.chop, self_ensemble=opts.self_ensemble,
+                           period=2 if task == "demosaic" else 1, tile_batch=CPU_TILE_BATCH if on_cpu else 1)
         self.told = False
         # auto-tiling only when nothing was chosen: no --tile, --chop or --whole
-        self.auto = args.tile is None and not args.chop and not args.whole
+        self.auto = opts.tile is None and not opts.chop and not opts.whole
 
     def options(self, img: np.ndarray, name) -> dict:
         """restore_image keywords for this image (tile chosen here when auto-tiling applies);
         the first auto-tiled image is announced once, with the way to force whole images."""
-        from rnan_fast.inference import AUTO_TILE_SECONDS, attention_seconds, auto_tile, cpu_attention_path
+        from rnan_fast.inference import auto_tile
 
         kwargs = dict(self.kwargs)
         if not self.auto:
             return kwargs
         h, w = img.shape[:2]
-        tile = auto_tile(self.net, h, w, self.device, self.dtype)
-        if tile is None:
+        tiling = (self.tiling[0], self.kwargs["overlap"])
+        chosen = auto_tile(self.net, h, w, self.opts.device, tiling)
+        if chosen is None:
             return kwargs
-        # the overlap of --tile-overlap, at most half a tile (it may exceed the automatic tile)
-        kwargs["tile"], kwargs["overlap"] = tile, min(kwargs["overlap"], tile // 2)
+        kwargs["tile"], kwargs["overlap"] = chosen
         if not self.told:
             self.told = True
-            seconds = attention_seconds(self.net, h, w, self.dtype)
-            path = {"extension": "C++ kernel", "reference": "reference"}[cpu_attention_path(self.dtype)]
-            _report(f"{PROG}: note: whole-image attention on the CPU grows with (H*W)^2: {name} ({w}x{h}) "
-                    f"would need ~{_duration(seconds)} of it ({path} path), so images past "
-                    f"~{_duration(AUTO_TILE_SECONDS)} of attention run in overlapping {tile}x{tile} tiles "
-                    f"(overlap {kwargs['overlap']}); pass --whole for whole-image inference, or --tile N "
-                    f"for other tiles", self.args.quiet)
+            _report(f"{PROG}: note: on the CPU, images larger than {chosen[0]}x{chosen[0]} run in overlapping tiles "
+                    f"of that size (overlap {chosen[1]}; the first: {name}, {w}x{h}): attention over a whole image "
+                    f"grows with (H*W)^2, and the model was trained on small patches; --whole for whole images, "
+                    f"--tile N for other tiles", self.opts.quiet)
         return kwargs
 
     def run(self, img: np.ndarray, name, quantize: bool = True) -> np.ndarray:
@@ -66,7 +76,7 @@ class ImageRunner:
             nonlocal bar
             if bar is None:
                 bar = tqdm(total=total, desc=getattr(name, "name", str(name)), unit=unit, leave=False,
-                           delay=PROGRESS_DELAY_S, disable=self.args.quiet, file=sys.stderr, dynamic_ncols=True)
+                           delay=PROGRESS_DELAY_S, disable=self.opts.quiet, file=sys.stderr, dynamic_ncols=True)
             elif bar.total != total:  # an out-of-memory retry in smaller tiles counts anew
                 bar.reset(total=total)
             bar.update(done - bar.n)
@@ -103,12 +113,12 @@ class ImageRunner:
             unit = "tile"
             tried = "whole" if kwargs["tile"] is None else f"in {kwargs['tile']}x{kwargs['tile']} tiles"
             _report(f"{PROG}: note: {name} ({img.shape[1]}x{img.shape[0]}) ran out of GPU memory {tried}: retrying "
-                    f"in {tile}x{tile} tiles, halved until they fit (--tile N chooses the tiles)", self.args.quiet)
+                    f"in {tile}x{tile} tiles, halved until they fit (--tile N chooses the tiles)", self.opts.quiet)
 
-        oom_retry = retry if torch.device(self.device).type == "cuda" else None
+        oom_retry = retry if torch.device(self.opts.device).type == "cuda" else None
         try:
             restore = restore_image if quantize else restore_array
-            return restore(self.net, img, device=self.device, dtype=self.dtype, progress=progress,
+            return restore(self.net, img, device=self.opts.device, dtype=self.opts.dtype, progress=progress,
                            oom_retry=oom_retry, **kwargs)
         finally:
             for h in hooks:
@@ -124,11 +134,3 @@ def _stages(net) -> list:
         return [net.head, net.body_nl_low, *net.body, net.body_nl_high, net.tail]
     except (AttributeError, TypeError):
         return []
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
