@@ -6,6 +6,11 @@
   Foi, with its default profile ("np"); CBM3D is its bm3d_rgb (block matching in the opponent
   colour space). Inputs: the noisy images, float64, noise unclipped
   (rnan_fast.data.add_gaussian_noise).
+  With eval --pairs (real noise) the sigma is estimated from the noisy image (estimate_sigma).
+- "nlm": OpenCV's non-local means (Buades, Coll and Morel 2005; cv2.fastNlMeansDenoisingColored
+  for RGB, cv2.fastNlMeansDenoising for gray) with filter strength NLM_H on the uint8 input
+  (opencv-python-headless is a dependency of the package: photo I/O reads 16-bit PNGs with it):
+  the quick classical answer a user has at hand for real photos.
 - "menon": Menon, Andriani and Calvagno's demosaicing (2007, directional filtering with a
   posteriori decision), through the optional `colour-demosaicing` package
   (pip install "rnan_fast[demosaic]"), on the GRBG mosaic of rnan_fast.data.mosaic.
@@ -21,7 +26,7 @@ import numpy as np
 from rnan_fast.imresize import to_uint8
 
 __all__ = ["Baseline", "BaselineUnavailable", "BASELINES", "check_baseline", "run_baseline", "bm3d_denoise",
-           "menon_demosaic"]
+           "nlm_denoise", "estimate_sigma", "menon_demosaic", "NLM_H"]
 
 DENOISING_TASKS = ("denoise_gray", "denoise_rgb")
 
@@ -41,6 +46,8 @@ class Baseline:
 BASELINES = {
     "bm3d": Baseline("BM3D", "BM3D (CBM3D for color) given the true sigma", DENOISING_TASKS, "bm3d",
                      'pip install "rnan_fast[bm3d]" (or: pip install bm3d)'),
+    "nlm": Baseline("NLM", "OpenCV non-local means (h = NLM_H)", DENOISING_TASKS, "cv2",
+                    "pip install opencv-python-headless (a dependency of rnan_fast)"),
     "menon": Baseline("Menon", "Menon 2007 demosaicing (colour-demosaicing)", ("demosaic",), "colour_demosaicing",
                       'pip install "rnan_fast[demosaic]" (or: pip install colour-demosaicing)'),
 }
@@ -75,7 +82,10 @@ def run_baseline(name: str, lq: np.ndarray, params: dict) -> np.ndarray:
     """Baseline `name` on a degraded input of the eval protocol (params: eval's degradation,
     e.g. {"task": "denoise_rgb", "sigma": 30}); uint8 output of the ground truth's shape."""
     if name == "bm3d":
-        return bm3d_denoise(lq, params["sigma"])
+        sigma = params.get("sigma")
+        return bm3d_denoise(lq, estimate_sigma(lq) if sigma is None else sigma)
+    if name == "nlm":
+        return nlm_denoise(lq)
     if name == "menon":
         return menon_demosaic(lq)
     raise BaselineUnavailable(f"unknown baseline {name!r}; the baselines are: {', '.join(BASELINES)}")
@@ -97,6 +107,43 @@ def bm3d_denoise(noisy: np.ndarray, sigma: float) -> np.ndarray:
     z, s = a / 255.0, float(sigma) / 255.0
     out = bm3d.bm3d(z, sigma_psd=s) if a.ndim == 2 else bm3d.bm3d_rgb(z, sigma_psd=s)
     return to_uint8(np.asarray(out, dtype=np.float64).reshape(a.shape) * 255.0)
+
+
+# Filter strength of the NLM baseline (h = hColor, on the 0..255 scale; 7x7 patches, 21x21
+# search window, OpenCV's defaults), chosen on PolyU_dev (real camera noise, 45 pairs): the mean
+# PSNR there peaks at this value (BENCHMARKS.md, "Real camera noise").
+NLM_H = 3.0
+
+
+def nlm_denoise(noisy: np.ndarray, h: float = NLM_H) -> np.ndarray:
+    """OpenCV's non-local means of a gray (H, W) or RGB (H, W, 3) image on the 0..255 scale
+    (rounded and clamped to uint8 first, as OpenCV takes it); returns uint8 of the same shape."""
+    cv2 = _module("nlm")
+    a = to_uint8(np.asarray(noisy, dtype=np.float64))
+    if a.ndim == 2:
+        return cv2.fastNlMeansDenoising(a, None, h=h)
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"nlm_denoise expects a (H, W) or (H, W, 3) image, got shape {a.shape}")
+    bgr = np.ascontiguousarray(a[..., ::-1])   # OpenCV's colour order (its YUV step weighs channels)
+    return np.ascontiguousarray(cv2.fastNlMeansDenoisingColored(bgr, None, h=h, hColor=h)[..., ::-1])
+
+
+def estimate_sigma(noisy: np.ndarray) -> float:
+    """The standard deviation of white noise in an image (0..255 scale), from the median absolute
+    value of its finest diagonal Haar wavelet coefficients divided by 0.6745 (Donoho and
+    Johnstone's robust estimator: the image's own edges barely reach the median, though a heavily
+    textured photo reads high at low noise, e.g. 7.8 for sigma 5 on Kodak's kodim05, 5.5 on the
+    smoother kodim23); the mean over the channels of an RGB image."""
+    a = np.asarray(noisy, dtype=np.float64)
+    if a.ndim == 2:
+        a = a[..., None]
+    h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
+    if h == 0 or w == 0:
+        raise ValueError(f"estimate_sigma needs at least 2x2 pixels, got shape {np.shape(noisy)}")
+    a = a[:h, :w]
+    # the orthonormal Haar HH band: (x00 - x01 - x10 + x11) / 2 per 2x2 block
+    hh = (a[0::2, 0::2] - a[0::2, 1::2] - a[1::2, 0::2] + a[1::2, 1::2]) / 2.0
+    return float(np.mean([np.median(np.abs(hh[..., c])) / 0.6745 for c in range(a.shape[2])]))
 
 
 def menon_demosaic(mosaiced: np.ndarray) -> np.ndarray:

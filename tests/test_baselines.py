@@ -1,5 +1,6 @@
-"""The classical baselines (rnan_fast.baselines: BM3D / CBM3D, Menon 2007 demosaicing) and
-`rnan-fast eval --baseline NAME`."""
+"""The classical baselines (rnan_fast.baselines: BM3D / CBM3D, non-local means, Menon 2007
+demosaicing, the noise estimate) and `rnan-fast eval --baseline NAME`, also on real noisy pairs
+(`eval --pairs`)."""
 import csv
 import sys
 
@@ -10,7 +11,8 @@ from PIL import Image
 
 from rnan_fast import RNAN, cli
 from rnan_fast import data as D
-from rnan_fast.baselines import BaselineUnavailable, bm3d_denoise, check_baseline, menon_demosaic
+from rnan_fast.baselines import (BaselineUnavailable, bm3d_denoise, check_baseline, estimate_sigma, menon_demosaic,
+                                 nlm_denoise)
 from rnan_fast.metrics import evaluate, psnr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -151,3 +153,97 @@ def test_eval_menon_beside_the_model(colour_demosaicing, crops, tmp_path, capsys
     gt = D.read_image(crops / "c0.png")
     assert float(alone[0]["psnr"]) == pytest.approx(evaluate(gt, menon_demosaic(D.mosaic(gt)), "demosaic")[0],
                                                     abs=2e-6)
+
+
+# --------------------------------------------------------------------------- real noise: pairs, NLM, sigma estimate
+
+def test_estimate_sigma_on_known_noise(data_dir):
+    """White Gaussian noise of a known sigma on a photo of smooth areas (kodim23, the parrots) is
+    estimated within 10% (+0.6); a heavily textured one (kodim05) reads high at low noise, as a
+    MAD estimator does; a flat image gives the noise alone, closely."""
+    img = D.read_image(data_dir / "Kodak24" / "kodim23.png")[:256, :384].astype(np.float64)
+    for sigma in (5, 15, 30):
+        assert abs(estimate_sigma(D.add_gaussian_noise(img, sigma, seed=1)) - sigma) < 0.1 * sigma + 0.6, sigma
+        gray = D.to_gray(img.astype(np.uint8)) + np.random.default_rng(2).normal(0, sigma, img.shape[:2])
+        assert abs(estimate_sigma(gray) - sigma) < 0.1 * sigma + 0.6, sigma
+    textured = D.read_image(data_dir / "Kodak24" / "kodim05.png")[:256, :384].astype(np.float64)
+    assert 5 < estimate_sigma(D.add_gaussian_noise(textured, 5, seed=1)) < 10
+    flat = np.full((64, 65), 100.0) + np.random.default_rng(3).normal(0, 7, (64, 65))
+    assert abs(estimate_sigma(flat) - 7) < 0.5
+    with pytest.raises(ValueError, match="2x2"):
+        estimate_sigma(np.zeros((1, 5)))
+
+
+@pytest.mark.parametrize("gray", [True, False])
+def test_nlm_denoises_a_crop(data_dir, gray):
+    cv2 = pytest.importorskip("cv2")
+    img = D.read_image(data_dir / "Kodak24" / "kodim05.png")[200:248, 300:356]
+    clean = D.to_gray(img) if gray else img
+    noisy = D.add_gaussian_noise(clean, 15, seed=3)
+    out = nlm_denoise(noisy, h=12)
+    assert out.dtype == np.uint8 and out.shape == clean.shape
+    assert psnr(clean, out) > psnr(clean, noisy) + 1
+    u8 = D.to_uint8(noisy)   # OpenCV's own call on the uint8 image (BGR order for colour)
+    want = cv2.fastNlMeansDenoising(u8, None, h=12) if gray else \
+        cv2.fastNlMeansDenoisingColored(np.ascontiguousarray(u8[..., ::-1]), None, h=12, hColor=12)[..., ::-1]
+    assert np.array_equal(out, want)
+
+
+@pytest.fixture
+def pairs(data_dir, tmp_path):
+    """Two PolyU-style pairs made from Kodak crops (noise of sigma 4 and 8, as stored uint8 JPEG
+    would be: rounded), a non-image file, and nothing else."""
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for i, (name, sigma) in enumerate((("kodim05.png", 4), ("kodim23.png", 8))):
+        clean = D.read_image(data_dir / "Kodak24" / name)[100:140, 200:244]
+        Image.fromarray(clean).save(folder / f"cam_{i}_mean.png")
+        Image.fromarray(D.to_uint8(D.add_gaussian_noise(clean, sigma, seed=i))).save(folder / f"cam_{i}_real.png")
+    (folder / "README.txt").write_text("pairs")
+    return folder
+
+
+def test_eval_pairs_scores_the_stored_noisy_images(pairs, tmp_path, capsys):
+    torch.manual_seed(0)
+    net = RNAN(n_colors=3, n_feats=8, n_resgroups=2)
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    base = ["eval", "--task", "denoise_rgb", "--pairs", "--data", pairs, "--quiet", "--no-ssim"]
+    code, out, err = _run(base + ["--baseline", "--csv", tmp_path / "in.csv"], capsys)
+    assert code == 0, err
+    assert "real noise" in out
+    rows = _rows(tmp_path / "in.csv")
+    assert [r["image"] for r in rows] == ["cam_0_real.png", "cam_1_real.png", "mean"]
+    for r in rows[:2]:   # the noisy file as stored, against its _mean
+        clean = D.read_image(pairs / r["image"].replace("_real", "_mean"))
+        assert float(r["psnr"]) == pytest.approx(psnr(clean, D.read_image(pairs / r["image"])), abs=2e-6)
+    code, out, err = _run(base + ["--weights", tmp_path / "w.pt", "--baseline", "nlm", "--csv", tmp_path / "m.csv",
+                                  "--precision", "fp32"], capsys)
+    assert code == 0, err
+    both = _rows(tmp_path / "m.csv")
+    assert list(both[0]) == ["image", "psnr", "ssim", "nlm_psnr", "nlm_ssim"]
+    noisy = D.read_image(pairs / "cam_1_real.png")
+    clean = D.read_image(pairs / "cam_1_mean.png")
+    assert float(both[1]["nlm_psnr"]) == pytest.approx(psnr(clean, nlm_denoise(noisy)), abs=2e-6)
+    from rnan_fast.inference import restore_image
+    assert float(both[1]["psnr"]) == pytest.approx(psnr(clean, restore_image(net, noisy.astype(np.float32))), abs=2e-6)
+
+
+def test_eval_pairs_bm3d_uses_an_estimated_sigma(bm3d, pairs, tmp_path, capsys):
+    code, out, err = _run(["eval", "--task", "denoise_rgb", "--pairs", "--data", pairs, "--quiet", "--no-ssim",
+                           "--baseline", "bm3d", "--csv", tmp_path / "b.csv"], capsys)
+    assert code == 0, err
+    noisy = D.read_image(pairs / "cam_0_real.png")
+    want = psnr(D.read_image(pairs / "cam_0_mean.png"), bm3d_denoise(noisy, estimate_sigma(noisy)))
+    assert float(_rows(tmp_path / "b.csv")[0]["psnr"]) == pytest.approx(want, abs=2e-6)
+
+
+def test_eval_pairs_user_errors(pairs, tmp_path, capsys):
+    base = ["eval", "--pairs", "--quiet", "--baseline"]
+    for extra, needle in ((["--task", "car", "--data", pairs], "not car"),
+                          (["--task", "denoise_rgb", "--sigma", 5, "--data", pairs], "--sigma does not apply"),
+                          (["--task", "denoise_rgb", "--data", tmp_path], "no NAME_real.EXT / NAME_mean.EXT pairs")):
+        code, out, err = _run(base + extra, capsys)
+        assert code == 2 and needle in err, (extra, err)
+    (pairs / "cam_1_mean.png").unlink()
+    code, _, err = _run(base + ["--task", "denoise_rgb", "--data", pairs], capsys)
+    assert code == 2 and "no _mean image beside cam_1_real.png" in err, err

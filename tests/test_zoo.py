@@ -90,10 +90,15 @@ def check_model(name, data_dir):
     elif task == "car":   # JPEG at the card's quality
         what = f"JPEG quality {card['noise']['quality']}"
         degraded = D.degrade(clean, task, quality=card["noise"]["quality"])[1]
+    elif task == "sr":
+        what = f"x{net.scale}"
+        clean, degraded = D.degrade(clean, task, scale=net.scale)
     else:
         what = task
         degraded = D.degrade(clean, task)[1]
-    gain = psnr(clean, restore_image(net, degraded)) - psnr(clean, degraded)
+    # the gain over the degraded input (SR: over bicubic upscaling of the same low-resolution crop)
+    before = D.bicubic_upscale(degraded, net.scale) if task == "sr" else degraded
+    gain = psnr(clean, restore_image(net, degraded)) - psnr(clean, before)
     assert gain > card["test_gain_db"], f"{name}: gain {gain:.2f} dB at {what}, card bound {card['test_gain_db']}"
     return gain
 

@@ -35,21 +35,52 @@ protocols (the shared data README; baseline rows reproduce with --baseline):
   sr            ground truth cropped to a multiple of --scale; input = MATLAB imresize(gt, 1/scale,
                 'bicubic') on uint8; PSNR/SSIM on unrounded Y, --scale border pixels removed
                 (a gray ground truth is scored on its gray values); --baseline = bicubic upscale
+  --pairs       real noise (denoise_*): DIR holds noisy / clean pairs named NAME_real.EXT and
+                NAME_mean.EXT (the PolyU layout: one shot / the mean of many shots); the noisy
+                file is the input as stored; scored as denoise_rgb (gray: as denoise_gray)
 SSIM: Wang et al. (11x11 Gaussian, sigma 1.5, K1 0.01, K2 0.03, L 255), mean of the map.
 Restored images are rounded and clamped to uint8 before scoring.
 """
 
+PAIR_NOISY, PAIR_CLEAN = "_real", "_mean"   # PolyU's suffixes: one noisy shot, the mean of many
 
-def _eval_images(data: str) -> list[Path]:
+
+def _eval_images(data: str, pairs: bool = False) -> list[Path]:
+    """The images to score, sorted: the ground truths, or (pairs) the noisy files of the pairs."""
     folder = Path(data)
     if not folder.is_dir():
         raise UserError(f"--data {data}: no such folder")
     files = D.list_images(folder)
+    if pairs:
+        return _noisy_of_pairs(folder, files)
     if not files and (folder / "HR").is_dir():  # Set5-style layout: DIR/HR holds the ground truth
         files = D.list_images(folder / "HR")
     if not files:
         raise UserError(f"--data {data}: no images found")
     return files
+
+
+def _noisy_of_pairs(folder: Path, files: list[Path]) -> list[Path]:
+    """The NAME_real files of `folder` that have their NAME_mean (UserError for one that has not,
+    or for a folder without pairs)."""
+    stems = {f.stem: f for f in files}
+    noisy = [f for f in files if f.stem.endswith(PAIR_NOISY)]
+    if not noisy:
+        raise UserError(f"--pairs: no NAME{PAIR_NOISY}.EXT / NAME{PAIR_CLEAN}.EXT pairs in {folder}")
+    lone = [f.name for f in noisy if _clean_stem(f) not in stems]
+    if lone:
+        raise UserError(f"--pairs: no {PAIR_CLEAN} image beside {', '.join(lone[:3])}"
+                        f"{f' and {len(lone) - 3} more' if len(lone) > 3 else ''} in {folder}")
+    return noisy
+
+
+def _clean_stem(noisy: Path) -> str:
+    return noisy.stem[: -len(PAIR_NOISY)] + PAIR_CLEAN
+
+
+def _clean_of(noisy: Path) -> Path:
+    """The ground truth beside a pair's noisy file (any image extension)."""
+    return next(f for f in D.list_images(noisy.parent) if f.stem == _clean_stem(noisy))
 
 
 def _task_params(args, net, model_pending: bool = False) -> dict:
@@ -59,13 +90,20 @@ def _task_params(args, net, model_pending: bool = False) -> dict:
 
     task = args.task
     p = {"task": task, "scale": 1}
+    if args.pairs:
+        if task not in ("denoise_gray", "denoise_rgb"):
+            raise UserError(f"--pairs scores real noise: for --task denoise_rgb or denoise_gray, not {task}")
+        if args.sigma is not None or args.quantize_noisy:
+            raise UserError(f"--pairs: the noise is the photo's own; {'--sigma' if args.sigma is not None else '--quantize-noisy'}"
+                            f" does not apply")
+        p["pairs"] = True
     given = {"--sigma": args.sigma, "--quality": args.quality, "--scale": args.scale}
     needed = {"denoise_gray": "--sigma", "denoise_rgb": "--sigma", "car": "--quality", "sr": "--scale",
               "demosaic": None}[task]
     for opt, val in given.items():
         if val is not None and opt != needed:
             raise UserError(f"{opt} does not apply to --task {task}")
-    if task in ("denoise_gray", "denoise_rgb"):
+    if task in ("denoise_gray", "denoise_rgb") and not args.pairs:
         if args.sigma is None:
             raise UserError(f"--task {task} needs --sigma (noise level on the 0..255 scale)")
         if args.sigma < 0:
@@ -100,10 +138,18 @@ def _task_params(args, net, model_pending: bool = False) -> dict:
     return p
 
 
-def _degrade(img: np.ndarray, index: int, p: dict, args):
+def _degrade(img: np.ndarray, index: int, p: dict, args, path: Path | None = None):
     """(ground truth, model input) for one image: data.ground_truth and data.degrade with the
-    noise seed of image `index`. ValueError for an image the protocol cannot use (sr: smaller
-    than the scale)."""
+    noise seed of image `index`; with pairs, `img` is the noisy file's and the ground truth its
+    NAME_mean (`path`). ValueError for an image the protocol cannot use (sr: smaller than the
+    scale, pairs: of another size than its ground truth)."""
+    if p.get("pairs"):
+        gt = D.ground_truth(D.read_image(_clean_of(path)), p["task"])
+        noisy = D.ground_truth(img, p["task"])
+        if noisy.shape != gt.shape:
+            raise ValueError(f"{path.name} is {noisy.shape[1]}x{noisy.shape[0]}, its {PAIR_CLEAN} image "
+                             f"{gt.shape[1]}x{gt.shape[0]}")
+        return gt, noisy.astype(np.float32)
     gt = D.ground_truth(img, p["task"])
     return D.degrade(gt, p["task"], sigma=p.get("sigma"), quality=p.get("quality"), scale=p["scale"],
                      seed=D.noise_seed(args.seed, index), quantize_noisy=args.quantize_noisy,
@@ -112,6 +158,8 @@ def _degrade(img: np.ndarray, index: int, p: dict, args):
 
 def _describe_task(p: dict, args) -> str:
     task = p["task"]
+    if p.get("pairs"):
+        return f"{task} on real noise (pairs NAME{PAIR_NOISY} / NAME{PAIR_CLEAN})"
     if task.startswith("denoise"):
         q = ", noisy image rounded and clipped to uint8" if args.quantize_noisy else ""
         return f"{task} sigma {p['sigma']:g} (seed {args.seed} + image index{q})"
@@ -147,7 +195,7 @@ def cmd_eval(args) -> int:
         _prepare_csv(Path(args.csv))
         if not args.resume:
             refuse_unresumed(Path(args.csv))  # before the model load (Journal checks again)
-    files = _eval_images(args.data)
+    files = _eval_images(args.data, args.pairs)
     if args.limit is not None:
         files = files[: args.limit]
     net = None
@@ -159,7 +207,7 @@ def cmd_eval(args) -> int:
         _warn_slow_paths(opts.device, opts.backend, args.quiet or not d.main)
         net, card = load_net(args, opts, default_model=False)
     p = _task_params(args, net)
-    if net is not None and "sigma" in p:
+    if net is not None and p.get("sigma") is not None:
         note_sigma(card, p["sigma"], args.quiet)
     if p["task"] == "demosaic" and args.self_ensemble:
         raise UserError("--self-ensemble flips the image, which moves the GRBG mosaic's pattern: not for "
@@ -247,7 +295,7 @@ def _score_images(mine, rows, failures, p, args, net, runner, method, journal, d
     for index, path in _progress(mine, len(mine), "eval", args.quiet or not d.main):
         try:
             img = D.read_image(path)
-            gt, lq = _degrade(img, index, p, args)
+            gt, lq = _degrade(img, index, p, args, path)
         except (D.ImageReadError, ValueError) as e:
             _report(f"{PROG}: skipped {path}: {e}", args.quiet)
             failures.append(path)
@@ -340,10 +388,11 @@ def add_parser(sub) -> None:
                        description="Benchmark evaluation under the paper's protocols.",
                        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(e, default_model=False)
-    e.add_argument("--baseline", nargs="?", const="input", choices=("input", "bm3d", "menon"),
+    e.add_argument("--baseline", nargs="?", const="input", choices=("input", "bm3d", "nlm", "menon"),
                    help="--baseline alone: score the degraded input, no model (bicubic upscale for sr); "
-                        "--baseline bm3d: BM3D / CBM3D given the true sigma (denoise_*; the optional bm3d "
-                        "package); --baseline menon: Menon 2007 demosaicing (demosaic; the optional "
+                        "--baseline bm3d: BM3D / CBM3D given the true sigma (denoise_*; with --pairs an "
+                        "estimated one; the optional bm3d package); --baseline nlm: OpenCV's non-local "
+                        "means (denoise_*); --baseline menon: Menon 2007 demosaicing (demosaic; the optional "
                         "colour-demosaicing package); alone or beside the model's columns on the same "
                         "degraded images")
     e.add_argument("--task", choices=TASKS, help="the degradation protocol (default with --model: the "
@@ -351,7 +400,10 @@ def add_parser(sub) -> None:
     e.add_argument("--sigma", type=float, help="noise level (denoise_*), 0..255 scale")
     e.add_argument("--quality", type=int, help="JPEG quality (car)")
     e.add_argument("--scale", type=int, help="SR factor (sr; default: the checkpoint's)")
-    e.add_argument("--data", required=True, metavar="DIR", help="folder of ground-truth images (or DIR/HR)")
+    e.add_argument("--data", required=True, metavar="DIR", help="folder of ground-truth images (or DIR/HR); "
+                   "with --pairs, of noisy/clean pairs")
+    e.add_argument("--pairs", action="store_true", help="real noise: --data holds NAME_real / NAME_mean pairs "
+                   "(PolyU's layout), scored as they are (denoise_*)")
     e.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted by name)")
     e.add_argument("--csv", metavar="FILE", help="also write per-image and mean PSNR/SSIM to FILE (FILE.partial "
                    "keeps each finished image until then, for --resume)")

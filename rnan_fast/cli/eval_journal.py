@@ -27,7 +27,7 @@ def run_settings(args, opts, p: dict, data_files: list[Path], model_id: str | No
     baseline-only run; beside: the classical method scored beside the model, if any. The data
     folder is the images' resolved parent. opts: the run's RunOptions (precision as resolved)."""
     s = {"task": p["task"], "sigma": p.get("sigma"), "quality": p.get("quality"), "scale": p["scale"],
-         "seed": args.seed, "quantize_noisy": args.quantize_noisy, "resize_padding": args.resize_padding,
+         "pairs": bool(p.get("pairs")), "seed": args.seed, "quantize_noisy": args.quantize_noisy, "resize_padding": args.resize_padding,
          "ssim": not args.no_ssim, "data": str(data_files[0].resolve().parent) if data_files else None,
          "model": model_id, "baseline": args.baseline, "beside": beside}
     if model_id is not None:
