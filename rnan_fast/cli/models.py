@@ -87,7 +87,7 @@ def model_task(name: str) -> str:
 
 def _measured(card: dict) -> str:
     """The card's sigma-30 rows (else its first two plain rows), e.g. "CBSD68 s30 30.12 (BM3D
-    29.85)" or "McMaster 38.10 (Menon 34.24)"; a row measured with --self-ensemble says so
+    29.85)", "McMaster 38.10 (Menon 34.24)" or "LIVE1 29.20 (JPEG 27.77)"; a row measured with --self-ensemble says so
     ("Kodak24 s30 x8 31.04")."""
     from rnan_fast.baselines import BASELINES
 
@@ -99,6 +99,8 @@ def _measured(card: dict) -> str:
     for r in chosen:
         beside = "".join(f" ({b.column} {r[name + '_psnr']:.2f})" for name, b in BASELINES.items()
                          if r.get(name + "_psnr") is not None)
+        if r.get("jpeg_psnr") is not None:   # a JPEG model's row: the JPEG it started from
+            beside += f" (JPEG {r['jpeg_psnr']:.2f})"
         sigma = f" s{r['sigma']:g}" if r.get("sigma") is not None else ""
         x8 = " x8" if r.get("self_ensemble") else ""
         parts.append(f"{r['set']}{sigma}{x8} {r['psnr']:.2f}{beside}")
