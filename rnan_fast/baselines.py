@@ -28,7 +28,7 @@ from rnan_fast.imresize import to_uint8
 __all__ = ["Baseline", "BaselineUnavailable", "BASELINES", "check_baseline", "run_baseline", "bm3d_denoise",
            "nlm_denoise", "estimate_sigma", "menon_demosaic", "NLM_H"]
 
-DENOISING_TASKS = ("denoise_gray", "denoise_rgb")
+DENOISING_TASKS = ("denoise_gray", "denoise_rgb", "denoise_photo")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@
   ground truth, such as Set14's bridge, is scored on its own gray values against
   ``sr_gray_output(out)``); "car":
   Y channel (rounded, as the test images are stored), no border; "denoise_gray": gray, no
-  border; "denoise_rgb" and "demosaic": RGB, no border.
+  border; "denoise_rgb", "denoise_photo" and "demosaic": RGB, no border.
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def evaluate(ref: np.ndarray, out: np.ndarray, task: str, scale: int = 1, with_s
         a, b, border = rgb_to_y(ref, rounded=False), rgb_to_y(out, rounded=False), int(scale)
     elif task == "car":
         a, b, border = rgb_to_y(ref, rounded=True), rgb_to_y(out, rounded=True), 0
-    elif task in ("denoise_gray", "denoise_rgb", "demosaic"):
+    elif task in ("denoise_gray", "denoise_rgb", "denoise_photo", "demosaic"):
         a, b, border = ref, out, 0
     else:
         raise ValueError(f"unknown task {task!r}")

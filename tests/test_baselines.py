@@ -56,7 +56,9 @@ def test_check_baseline_errors(monkeypatch):
     with pytest.raises(BaselineUnavailable, match="not to denoise_rgb"):
         check_baseline("menon", "denoise_rgb")
     with pytest.raises(BaselineUnavailable, match="unknown baseline"):
-        check_baseline("nlm", "denoise_rgb")
+        check_baseline("wiener", "denoise_rgb")
+    with pytest.raises(BaselineUnavailable, match="not to sr"):
+        check_baseline("nlm", "sr")
     monkeypatch.setitem(sys.modules, "bm3d", None)  # import bm3d raises ImportError
     with pytest.raises(BaselineUnavailable, match=r"rnan_fast\[bm3d\]"):
         check_baseline("bm3d", "denoise_gray")

@@ -136,8 +136,11 @@ def test_jpeg_and_modcrop():
     j = D.jpeg(img, 10)
     assert j.shape == img.shape and j.dtype == np.uint8
     assert psnr(img, D.jpeg(img, 95)) > psnr(img, j)
-    with pytest.raises(ValueError):
-        D.jpeg(np.zeros((8, 8, 3), np.uint8), 10)
+    rgb = rng.integers(0, 256, (33, 35, 3), dtype=np.uint8)   # colour: Pillow's RGB JPEG
+    assert D.jpeg(rgb, 50).shape == rgb.shape and psnr(rgb, D.jpeg(rgb, 95)) > psnr(rgb, D.jpeg(rgb, 20))
+    for bad in (np.zeros((8, 8, 2), np.uint8), np.zeros((8, 8), np.float64)):
+        with pytest.raises(ValueError):
+            D.jpeg(bad, 10)
     assert D.modcrop(img, 4).shape == (32, 32)
 
 
@@ -359,3 +362,42 @@ def test_bicubic_psnr(data_dir, folder, scale, expected):
         vals.append(evaluate(hr, up, "sr", scale, with_ssim=False)[0])  # Set14's gray bridge included
     got = np.mean(vals)
     assert abs(got - expected) <= 0.03, f"{folder} x{scale}: {got:.4f} vs {expected}"
+
+
+# --------------------------------------------------------------------------- camera-like noise (denoise_photo)
+
+def test_bilinear_demosaic_is_exact_on_linear_images():
+    """Bilinear interpolation reproduces constant and linear images (away from the reflected
+    border) from their GRBG mosaic."""
+    yy, xx = np.mgrid[0:12, 0:14].astype(np.float64)
+    img = np.stack([3 * xx + 2, 2 * yy + 5, xx + yy], axis=2)
+    out = D.bilinear_demosaic(D.mosaic(img))
+    np.testing.assert_allclose(out[1:-1, 1:-1], img[1:-1, 1:-1], atol=1e-12)
+    flat = np.full((6, 8, 3), 7.0)
+    np.testing.assert_allclose(D.bilinear_demosaic(D.mosaic(flat)), flat, atol=1e-12)
+
+
+def test_photo_noise_seeded_camera_like(data_dir):
+    import torch
+
+    clean = D.read_image(data_dir / "Kodak24" / "kodim23.png")[100:164, 200:264]
+    a, b = D.photo_noise(clean, 3), D.photo_noise(clean, 3)
+    assert np.array_equal(a, b) and a.shape == clean.shape and a.dtype == np.float64
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert np.array_equal(D.photo_noise(clean, g1), D.photo_noise(clean, g2))
+    draws = [D.photo_noise(clean, s) for s in range(40)]
+    assert all(np.array_equal(d, np.round(d)) and d.min() >= 0 and d.max() <= 255 for d in draws)
+    rms = np.array([np.sqrt(((d - clean) ** 2).mean()) for d in draws])
+    # camera-like levels: PolyU's real pairs lie at 2.3-5.0; the draws spread around them
+    assert 1.5 < np.median(rms) < 10 and rms.min() > 0.3 and rms.max() < 40
+    # the signal is kept: no colour shift on average (the way back inverts the way in)
+    assert abs(np.mean([(d - clean).mean() for d in draws])) < 1.5
+    # a part of the draws is spatially correlated (the mosaic branch), a part is not
+    corr = [np.corrcoef((d - clean)[:, :-1].ravel(), (d - clean)[:, 1:].ravel())[0, 1] for d in draws]
+    assert sum(c > 0.3 for c in corr) >= 5 and sum(abs(c) < 0.15 for c in corr) >= 5
+    gt, lq = D.degrade(clean, "denoise_photo", seed=3)
+    assert np.array_equal(gt, clean) and np.array_equal(lq, a)
+    with pytest.raises(ValueError, match="RGB"):
+        D.photo_noise(clean[..., 0], 0)
+    with pytest.raises(TypeError, match="seed"):
+        D.photo_noise(clean, "3")

@@ -306,7 +306,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(train_dir, tmp_path, ho
 
 @pytest.mark.parametrize("task,opts", [
     ("denoise_gray", dict(sigma=50.0)), ("car", dict(quality=10)), ("demosaic", {}),
-    ("sr", dict(scale=3, patch_size=8)), ("denoise_rgb", dict(sigma=25.0, precision="bf16")),
+    ("sr", dict(scale=3, patch_size=8)), ("denoise_rgb", dict(sigma=25.0, precision="bf16")), ("denoise_photo", {}),
 ])
 def test_each_task_trains_and_its_checkpoint_fits_eval(train_dir, tmp_path, task, opts, capsys):
     opts = dict(opts)
@@ -319,7 +319,7 @@ def test_each_task_trains_and_its_checkpoint_fits_eval(train_dir, tmp_path, task
     argv = ["eval", "--weights", out / "last.pt", "--task", task, "--data", train_dir, "--limit", 1,
             "--quiet", "--no-ssim", "--whole"]
     argv += {"denoise_gray": ["--sigma", 50], "denoise_rgb": ["--sigma", 25], "car": ["--quality", 10],
-             "demosaic": [], "sr": []}[task]
+             "demosaic": [], "sr": [], "denoise_photo": []}[task]
     code, _, err = _run_cli(argv, capsys)
     assert code == 0, err
 

@@ -29,6 +29,9 @@ protocols (the shared data README; baseline rows reproduce with --baseline):
                 (--quantize-noisy: rounded and clipped to uint8); PSNR/SSIM on gray, no border
   denoise_rgb   the same noise on RGB; PSNR with the MSE averaged over R, G, B; SSIM: the mean
                 of the three per-channel SSIMs; no border
+  denoise_photo camera-like noise on RGB (rnan_fast.data.photo_noise, seed + image index: shot
+                and read noise in linear camera space, often mosaic-correlated and JPEG-stored,
+                a share of plain Gaussian noise); scored as denoise_rgb
   car           Y of MATLAB rgb2ycbcr (rounded; gray files as they are), Pillow JPEG at
                 --quality; PSNR/SSIM on Y, no border
   demosaic      GRBG Bayer mosaic, missing samples zero, 3-channel input; RGB metrics as denoise_rgb
@@ -91,15 +94,16 @@ def _task_params(args, net, model_pending: bool = False) -> dict:
     task = args.task
     p = {"task": task, "scale": 1}
     if args.pairs:
-        if task not in ("denoise_gray", "denoise_rgb"):
-            raise UserError(f"--pairs scores real noise: for --task denoise_rgb or denoise_gray, not {task}")
+        if not task.startswith("denoise"):
+            raise UserError(f"--pairs scores real noise: for a denoising task (denoise_rgb, denoise_photo, "
+                            f"denoise_gray), not {task}")
         if args.sigma is not None or args.quantize_noisy:
             raise UserError(f"--pairs: the noise is the photo's own; {'--sigma' if args.sigma is not None else '--quantize-noisy'}"
                             f" does not apply")
         p["pairs"] = True
     given = {"--sigma": args.sigma, "--quality": args.quality, "--scale": args.scale}
     needed = {"denoise_gray": "--sigma", "denoise_rgb": "--sigma", "car": "--quality", "sr": "--scale",
-              "demosaic": None}[task]
+              "denoise_photo": None, "demosaic": None}[task]
     for opt, val in given.items():
         if val is not None and opt != needed:
             raise UserError(f"{opt} does not apply to --task {task}")
@@ -160,6 +164,8 @@ def _describe_task(p: dict, args) -> str:
     task = p["task"]
     if p.get("pairs"):
         return f"{task} on real noise (pairs NAME{PAIR_NOISY} / NAME{PAIR_CLEAN})"
+    if task == "denoise_photo":
+        return f"denoise_photo: camera-like noise (data.photo_noise, seed {args.seed} + image index)"
     if task.startswith("denoise"):
         q = ", noisy image rounded and clipped to uint8" if args.quantize_noisy else ""
         return f"{task} sigma {p['sigma']:g} (seed {args.seed} + image index{q})"

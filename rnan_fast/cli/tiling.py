@@ -29,11 +29,11 @@ class ImageRunner:
         self.opts, self.net = opts, net
         task = task or (card or {}).get("task")
         self.tiling = cpu_tiling(card)
-        # a demosaicing model reads a GRBG mosaic: every model call starts on its 2x2 pattern
-        overlap = opts.overlap if opts.overlap is not None else self.tiling[1]
-        if opts.tile is not None:
-            overlap = min(overlap, opts.tile - 1)
+        overlap = opts.overlap
+        if overlap is None:   # the model's own, at most half of a --tile
+            overlap = self.tiling[1] if opts.tile is None else min(self.tiling[1], opts.tile // 2)
         on_cpu = torch.device(opts.device).type == "cpu"
+        # a demosaicing model reads a GRBG mosaic: every model call starts on its 2x2 pattern
         self.kwargs = dict(tile=opts.tile, overlap=overlap, chop=opts.chop, self_ensemble=opts.self_ensemble,
                            period=2 if task == "demosaic" else 1, tile_batch=CPU_TILE_BATCH if on_cpu else 1)
         self.told = False

@@ -24,7 +24,8 @@ checkpoints with `rnan-fast restore --weights RUN_DIR/best.pt` (EMA weights when
 options given on the command line override it.
 
 Training degradations are those of `rnan-fast eval` on random 8-fold flipped/transposed patches:
-Gaussian noise on the 0..255 scale (a level drawn uniformly per patch with --sigma-range), JPEG
+Gaussian noise on the 0..255 scale (a level drawn uniformly per patch with --sigma-range),
+camera-like noise (denoise_photo: rnan_fast.data.photo_noise, a new draw per patch), JPEG
 of the Y channel (car), GRBG mosaic (demosaic), MATLAB bicubic (sr: LR patch P, HR patch P*s,
 L1 loss; MSE for the others). Adam (lr 1e-4, betas 0.9/0.999, eps 1e-8), halved every 200,000
 steps (the official schedule) or cosine; validation images are degraded as eval --seed SEED does.

@@ -155,12 +155,12 @@ def _check(cfg: TrainConfig) -> None:
     if not cfg.out:
         raise ConfigError("--out RUN_DIR is required (where last.pt, best.pt, log.jsonl and config.json go)")
     given = {"sigma": cfg.sigma, "sigma_range": cfg.sigma_range, "quality": cfg.quality, "scale": cfg.scale}
-    needs = {"denoise_gray": ("sigma", "sigma_range"), "denoise_rgb": ("sigma", "sigma_range"),
+    needs = {"denoise_gray": ("sigma", "sigma_range"), "denoise_rgb": ("sigma", "sigma_range"), "denoise_photo": (),
              "car": ("quality",), "sr": ("scale",), "demosaic": ()}[cfg.task]
     for key, value in given.items():
         if value is not None and key not in needs:
             raise ConfigError(f"--{key.replace('_', '-')} does not apply to --task {cfg.task}")
-    if cfg.task.startswith("denoise"):
+    if cfg.task in ("denoise_gray", "denoise_rgb"):
         if (cfg.sigma is None) == (cfg.sigma_range is None):
             raise ConfigError(f"--task {cfg.task} needs one of --sigma S or --sigma-range A B (0..255 scale)")
         if cfg.sigma is not None and not cfg.sigma >= 0:
