@@ -81,18 +81,20 @@ def test_restore_and_eval_split_images_across_ranks(images, tmp_path, capsys, mo
             p.add_(torch.randn_like(p) * 0.01)
     weights = tmp_path / "w.pt"
     torch.save(net.state_dict(), weights)
-    proc = torchrun(["restore", "--weights", weights, "-o", tmp_path / "two", "--quiet", "--whole", images])
+    # --precision fp32: torchrun's processes do not see the tests' fp32 `auto` (conftest)
+    proc = torchrun(["restore", "--weights", weights, "-o", tmp_path / "two", "--quiet", "--whole", "--precision", "fp32",
+                     images])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("restored 5 of 5") == 1
     assert cli.main(["restore", "--weights", str(weights), "-o", str(tmp_path / "one"), "--quiet", "--whole",
-                     str(images)]) == 0
+                     "--precision", "fp32", str(images)]) == 0
     names = sorted(os.listdir(tmp_path / "one"))
     assert names == sorted(os.listdir(tmp_path / "two")) and len(names) == 5
     for n in names:
         assert np.array_equal(D.read_image(tmp_path / "one" / n), D.read_image(tmp_path / "two" / n))
     capsys.readouterr()
     argv = ["eval", "--weights", weights, "--task", "denoise_rgb", "--sigma", 15, "--data", images, "--quiet",
-            "--whole"]
+            "--whole", "--precision", "fp32"]
     proc = torchrun(argv + ["--csv", tmp_path / "two.csv"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert cli.main([str(a) for a in argv] + ["--csv", str(tmp_path / "one.csv")]) == 0
