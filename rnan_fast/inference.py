@@ -49,7 +49,7 @@ from rnan_fast.imresize import to_uint8
 __all__ = ["model_scale", "model_colors", "forward_tiled", "forward_chop", "forward_x8",
            "restore_tensor", "restore_array", "restore_image", "DTYPES", "nonlocal_blocks", "cpu_tiling",
            "auto_tile", "auto_precision", "model_calls", "tile_count", "chop_calls", "CPU_TILE", "CPU_OVERLAP",
-           "CPU_TILE_BATCH",
+           "CPU_TILE_BATCH", "place_model", "tile_batch_for",
            "OOM_MIN_TILE"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -319,6 +319,19 @@ def _counting(model: Forward, total: int, progress: Progress, batch: int) -> For
 OOM_MIN_TILE = 64
 
 
+def tile_batch_for(device: torch.device | str) -> int:
+    """Tiles per model call for inference on `device`: CPU_TILE_BATCH on the CPU, 1 elsewhere
+    (a GPU tile's memory matters more than the call count)."""
+    return CPU_TILE_BATCH if torch.device(device).type == "cpu" else 1
+
+
+def place_model(net: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
+    """net in eval mode on `device` and `dtype`, for inference: on the CPU its weights in
+    channels-last layout, as restore_tensor feeds CPU inputs (oneDNN's fastest convolutions)."""
+    net = net.to(device=device, dtype=dtype).eval()
+    return net.to(memory_format=torch.channels_last) if torch.device(device).type == "cpu" else net
+
+
 def _on_device(model: Forward, device, dtype, home: torch.device) -> Forward:
     """model with each input moved to `device` / `dtype` and each output back to `home`. On the
     CPU the input goes in channels-last layout, which oneDNN's convolutions run fastest (a 64x64
@@ -340,7 +353,8 @@ def restore_tensor(model, x: Tensor, tile: int | None = None, overlap: int = 32,
     in the model's output dtype, unclamped, on x's device.
 
     tile: tiled inference with tiles of `tile` input pixels overlapping by `overlap` (None:
-    whole image), `tile_batch` tiles per model call (forward_tiled). chop: the official forward_chop instead (not combinable with tile).
+    whole image), `tile_batch` tiles per model call (forward_tiled; tile_batch_for(device) is the
+    commands' choice). chop: the official forward_chop instead (not combinable with tile).
     self_ensemble: average over the 8 flips/transposes (wraps whichever of the above runs).
     scale: the model's scale (default: read from model.config / model.scale).
     progress: called as progress(done, total) after each model call (done counts tiles, chop

@@ -95,6 +95,7 @@ def _resolve_model(model, device, dtype):
     """(the model on device/dtype in eval mode, its card or None) of restore_file's `model`."""
     import torch
 
+    from rnan_fast.inference import place_model
     from rnan_fast.model import RNAN
 
     card = None
@@ -112,8 +113,7 @@ def _resolve_model(model, device, dtype):
     else:
         raise TypeError(f"model must be an nn.Module, a shipped model's name or a checkpoint path, got "
                         f"{type(model).__name__}")
-    net = net.to(device=device, dtype=dtype).eval()
-    return (net.to(memory_format=torch.channels_last) if device.type == "cpu" else net), card
+    return place_model(net, device, dtype), card
 
 
 def restore_file(path_in: str | os.PathLike, path_out: str | os.PathLike, model=None, *, device: str = "cpu",
@@ -140,8 +140,8 @@ def restore_file(path_in: str | os.PathLike, path_out: str | os.PathLike, model=
     the model does not take (a full colour image for a demosaicing model)."""
     import torch
 
-    from rnan_fast.inference import (CPU_TILE_BATCH, DTYPES, auto_precision, auto_tile, cpu_tiling, model_colors,
-                                     model_scale, restore_array)
+    from rnan_fast.inference import (DTYPES, auto_precision, auto_tile, cpu_tiling, model_colors, model_scale,
+                                     restore_array, tile_batch_for)
 
     device = torch.device(device)
     dtype = DTYPES[auto_precision(device) if precision == "auto" else precision]
@@ -158,6 +158,6 @@ def restore_file(path_in: str | os.PathLike, path_out: str | os.PathLike, model=
         tile, overlap = tiling or (None, overlap)
     restored = restore_array(net, pixels, device=device, dtype=dtype, tile=tile, overlap=overlap, chop=chop,
                              self_ensemble=self_ensemble, period=2 if task == "demosaic" else 1,
-                             tile_batch=CPU_TILE_BATCH if device.type == "cpu" else 1)
+                             tile_batch=tile_batch_for(device))
     out = restored_photo(photo, blend(pixels, restored, strength), model_scale(net), task)
     return notes + write_photo(path_out, out, quality=quality)

@@ -171,6 +171,8 @@ def _distributed(name: str):
 def _load_model(weights: str, opts: RunOptions):
     """RNAN.from_checkpoint with user-level errors; the model is in eval mode on the options'
     device and dtype (--trust-checkpoint: torch.load with weights_only=False)."""
+    from rnan_fast.inference import place_model
+
     trust = opts.trust_checkpoint
     path = Path(weights)
     if not path.exists():
@@ -191,16 +193,7 @@ def _load_model(weights: str, opts: RunOptions):
             if "--trust-checkpoint" not in msg:
                 msg += "; if you trust the file, pass --trust-checkpoint"
         raise UserError(f"cannot load the checkpoint: {msg}") from None
-    return on_device(net, opts)
-
-
-def on_device(net, opts: RunOptions):
-    """net in eval mode on the options' device and dtype; on the CPU its weights in channels-last
-    layout, as restore_tensor feeds its inputs there (oneDNN's fastest convolutions)."""
-    import torch
-
-    net = net.to(device=opts.device, dtype=opts.dtype).eval()
-    return net.to(memory_format=torch.channels_last) if opts.device.type == "cpu" else net
+    return place_model(net, opts.device, opts.dtype)
 
 
 def _check_backend(opts: RunOptions) -> None:

@@ -81,9 +81,11 @@ def _clean_stem(noisy: Path) -> str:
     return noisy.stem[: -len(PAIR_NOISY)] + PAIR_CLEAN
 
 
-def _clean_of(noisy: Path) -> Path:
-    """The ground truth beside a pair's noisy file (any image extension)."""
-    return next(f for f in D.list_images(noisy.parent) if f.stem == _clean_stem(noisy))
+def _clean_of(noisy: list[Path]) -> dict[Path, Path]:
+    """The ground truth beside each pair's noisy file (any image extension), one folder listing
+    per folder."""
+    listing = {folder: {f.stem: f for f in D.list_images(folder)} for folder in {f.parent for f in noisy}}
+    return {f: listing[f.parent][_clean_stem(f)] for f in noisy}
 
 
 def _task_params(args, net, model_pending: bool = False) -> dict:
@@ -148,7 +150,7 @@ def _degrade(img: np.ndarray, index: int, p: dict, args, path: Path | None = Non
     NAME_mean (`path`). ValueError for an image the protocol cannot use (sr: smaller than the
     scale, pairs: of another size than its ground truth)."""
     if p.get("pairs"):
-        gt = D.ground_truth(D.read_image(_clean_of(path)), p["task"])
+        gt = D.ground_truth(D.read_image(p["clean"][path]), p["task"])
         noisy = D.ground_truth(img, p["task"])
         if noisy.shape != gt.shape:
             raise ValueError(f"{path.name} is {noisy.shape[1]}x{noisy.shape[0]}, its {PAIR_CLEAN} image "
@@ -213,6 +215,8 @@ def cmd_eval(args) -> int:
         _warn_slow_paths(opts.device, opts.backend, args.quiet or not d.main)
         net, card = load_net(args, opts, default_model=False)
     p = _task_params(args, net)
+    if args.pairs:
+        p["clean"] = _clean_of(files)
     if net is not None and p.get("sigma") is not None:
         note_sigma(card, p["sigma"], args.quiet)
     if p["task"] == "demosaic" and args.self_ensemble:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rnan_fast.cli.common import EXIT_OK, PROG, UserError, _load_model, _report, on_device
+from rnan_fast.cli.common import EXIT_OK, PROG, UserError, _load_model, _report
 
 
 def add_model_args(p: argparse.ArgumentParser, default_model: bool) -> None:
@@ -72,7 +72,9 @@ def load_net(args, opts, default_model: bool = True):
         raise UserError(str(e)) from None
     _report(f"{PROG}: note: model {name}: {card['task']}, {describe_noise(card)}, {net.describe()}",
             getattr(args, "quiet", False))
-    return on_device(net, opts), card
+    from rnan_fast.inference import place_model
+
+    return place_model(net, opts.device, opts.dtype), card
 
 
 def model_task(name: str) -> str:

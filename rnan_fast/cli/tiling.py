@@ -22,9 +22,7 @@ class ImageRunner:
     on the mosaic's 2x2 pattern."""
 
     def __init__(self, opts: RunOptions, net, card: dict | None = None, task: str | None = None):
-        import torch
-
-        from rnan_fast.inference import CPU_TILE_BATCH, cpu_tiling
+        from rnan_fast.inference import cpu_tiling, tile_batch_for
 
         self.opts, self.net = opts, net
         task = task or (card or {}).get("task")
@@ -32,10 +30,9 @@ class ImageRunner:
         overlap = opts.overlap
         if overlap is None:   # the model's own, at most half of a --tile
             overlap = self.tiling[1] if opts.tile is None else min(self.tiling[1], opts.tile // 2)
-        on_cpu = torch.device(opts.device).type == "cpu"
         # a demosaicing model reads a GRBG mosaic: every model call starts on its 2x2 pattern
         self.kwargs = dict(tile=opts.tile, overlap=overlap, chop=opts.chop, self_ensemble=opts.self_ensemble,
-                           period=2 if task == "demosaic" else 1, tile_batch=CPU_TILE_BATCH if on_cpu else 1)
+                           period=2 if task == "demosaic" else 1, tile_batch=tile_batch_for(opts.device))
         self.told = False
         # auto-tiling only when nothing was chosen: no --tile, --chop or --whole
         self.auto = opts.tile is None and not opts.chop and not opts.whole
