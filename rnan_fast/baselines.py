@@ -6,7 +6,8 @@
   Foi, with its default profile ("np"); CBM3D is its bm3d_rgb (block matching in the opponent
   colour space). Inputs: the noisy images, float64, noise unclipped
   (rnan_fast.data.add_gaussian_noise).
-  With eval --pairs (real noise) the sigma is estimated from the noisy image (estimate_sigma).
+  With eval --pairs (real noise) the sigma is estimated from the noisy image
+  (estimate_sigma at PAIRS_SIGMA_LEVEL: the noise that survives at 4x coarser scales).
 - "nlm": OpenCV's non-local means (Buades, Coll and Morel 2005; cv2.fastNlMeansDenoisingColored
   for RGB, cv2.fastNlMeansDenoising for gray) with filter strength NLM_H on the uint8 input
   (opencv-python-headless is a dependency of the package: photo I/O reads 16-bit PNGs with it):
@@ -26,7 +27,8 @@ import numpy as np
 from rnan_fast.imresize import to_uint8
 
 __all__ = ["Baseline", "BaselineUnavailable", "BASELINES", "check_baseline", "run_baseline", "bm3d_denoise",
-           "nlm_denoise", "estimate_sigma", "menon_demosaic", "NLM_H"]
+           "nlm_denoise", "estimate_sigma", "menon_demosaic", "NLM_H",
+           "PAIRS_SIGMA_LEVEL"]
 
 DENOISING_TASKS = ("denoise_gray", "denoise_rgb", "denoise_photo")
 
@@ -83,7 +85,7 @@ def run_baseline(name: str, lq: np.ndarray, params: dict) -> np.ndarray:
     e.g. {"task": "denoise_rgb", "sigma": 30}); uint8 output of the ground truth's shape."""
     if name == "bm3d":
         sigma = params.get("sigma")
-        return bm3d_denoise(lq, estimate_sigma(lq) if sigma is None else sigma)
+        return bm3d_denoise(lq, estimate_sigma(lq, PAIRS_SIGMA_LEVEL) if sigma is None else sigma)
     if name == "nlm":
         return nlm_denoise(lq)
     if name == "menon":
@@ -129,24 +131,38 @@ def nlm_denoise(noisy: np.ndarray, h: float = NLM_H) -> np.ndarray:
     return np.ascontiguousarray(cv2.fastNlMeansDenoisingColored(bgr, None, h=h, hColor=h)[..., ::-1])
 
 
-def estimate_sigma(noisy: np.ndarray) -> float:
+# The coarseness at which eval --pairs estimates a real photo's noise for CBM3D. Camera noise
+# is spatially correlated (demosaicing) and JPEG removes its finest band: on 15 PolyU_dev pairs
+# the finest level reads 0-1.5 where the noisy shot is 2.3-5.8 RMS from its mean and CBM3D's best
+# sigma (grid 2.5..22) is 9-22; two levels coarser reads 4-15 (BENCHMARKS.md, "Real camera noise").
+PAIRS_SIGMA_LEVEL = 2
+
+
+def estimate_sigma(noisy: np.ndarray, level: int = 0) -> float:
     """The standard deviation of white noise in an image (0..255 scale), from the median absolute
-    value of its finest diagonal Haar wavelet coefficients divided by 0.6745 (Donoho and
-    Johnstone's robust estimator: the image's own edges barely reach the median, though a heavily
-    textured photo reads high at low noise, e.g. 7.8 for sigma 5 on Kodak's kodim05, 5.5 on the
-    smoother kodim23); the mean over the channels of an RGB image. For white noise only: the
-    JPEG-compressed camera noise of PolyU reads 0-1.5 where the noisy shot is 2-5 from its mean
-    (JPEG removes the finest band), so CBM3D given this estimate barely filters such photos."""
+    value of its diagonal Haar wavelet coefficients divided by 0.6745 (Donoho and Johnstone's
+    robust estimator); the mean over the channels of an RGB image.
+
+    level 0 reads the finest band: the image's own edges barely reach the median, though a heavily
+    textured photo reads high at low noise (7.8 for sigma 5 on Kodak's kodim05, 5.5 on the
+    smoother kodim23). level k reads the image averaged over 2^k x 2^k blocks, times 2^k: the same
+    sigma for white noise, and the noise that survives at coarser scales for correlated noise
+    (real photos: PAIRS_SIGMA_LEVEL), at the price of more of the image's texture."""
     a = np.asarray(noisy, dtype=np.float64)
     if a.ndim == 2:
         a = a[..., None]
+    side = 2 ** (level + 1)
+    if level < 0 or a.shape[0] < side or a.shape[1] < side:
+        raise ValueError(f"estimate_sigma at level {level} needs at least {side}x{side} pixels (level >= 0), "
+                         f"got shape {np.shape(noisy)}")
+    for _ in range(level):   # 2x2 block means: white noise of sigma s becomes s / 2
+        h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
+        a = (a[0:h:2, 0:w:2] + a[0:h:2, 1:w:2] + a[1:h:2, 0:w:2] + a[1:h:2, 1:w:2]) / 4.0
     h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
-    if h == 0 or w == 0:
-        raise ValueError(f"estimate_sigma needs at least 2x2 pixels, got shape {np.shape(noisy)}")
     a = a[:h, :w]
     # the orthonormal Haar HH band: (x00 - x01 - x10 + x11) / 2 per 2x2 block
     hh = (a[0::2, 0::2] - a[0::2, 1::2] - a[1::2, 0::2] + a[1::2, 1::2]) / 2.0
-    return float(np.mean([np.median(np.abs(hh[..., c])) / 0.6745 for c in range(a.shape[2])]))
+    return float(np.mean([np.median(np.abs(hh[..., c])) / 0.6745 for c in range(a.shape[2])])) * 2 ** level
 
 
 def menon_demosaic(mosaiced: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from rnan_fast import RNAN, cli
 from rnan_fast import data as D
-from rnan_fast.baselines import (BaselineUnavailable, bm3d_denoise, check_baseline, estimate_sigma, menon_demosaic,
+from rnan_fast.baselines import (PAIRS_SIGMA_LEVEL, BaselineUnavailable, bm3d_denoise, check_baseline, estimate_sigma, menon_demosaic,
                                  nlm_denoise)
 from rnan_fast.metrics import evaluate, psnr
 
@@ -174,6 +174,22 @@ def test_estimate_sigma_on_known_noise(data_dir):
     assert abs(estimate_sigma(flat) - 7) < 0.5
     with pytest.raises(ValueError, match="2x2"):
         estimate_sigma(np.zeros((1, 5)))
+
+
+def test_estimate_sigma_at_a_coarser_level():
+    """A coarser level reads the same sigma for white noise, and more than the finest level for
+    noise that is correlated (smoothed) the way demosaicing and JPEG leave camera noise."""
+    rng = np.random.default_rng(4)
+    white = 100.0 + rng.normal(0, 9, (256, 260, 3))
+    for level in (0, 1, 2):
+        assert abs(estimate_sigma(white, level) - 9) < 0.6, level
+    correlated = 100.0 + D.bilinear_demosaic(D.mosaic(rng.normal(0, 9, (256, 260, 3))))
+    fine, coarse = estimate_sigma(correlated), estimate_sigma(correlated, PAIRS_SIGMA_LEVEL)
+    assert coarse > 1.5 * fine, (fine, coarse)
+    with pytest.raises(ValueError, match="8x8"):
+        estimate_sigma(np.zeros((7, 9)), 2)
+    with pytest.raises(ValueError, match="level"):
+        estimate_sigma(white, -1)
 
 
 @pytest.mark.parametrize("gray", [True, False])

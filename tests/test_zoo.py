@@ -84,7 +84,10 @@ def check_model(name, data_dir):
     task = card["task"]
     assert D.TASK_COLORS[task] == net.n_colors
     clean = check_crop(data_dir, net.n_colors)
-    if task.startswith("denoise"):
+    if task == "denoise_photo":   # camera-like noise, the draw of seed 0
+        what = "camera-like noise (seed 0)"
+        degraded = D.degrade(clean, task, seed=0)[1]
+    elif task.startswith("denoise"):
         what = f"sigma {weights.check_sigma(card)}"
         degraded = D.add_gaussian_noise(clean, weights.check_sigma(card), seed=0)
     elif task == "car":   # JPEG at the card's quality

@@ -20,10 +20,14 @@ def add_model_args(p: argparse.ArgumentParser, default_model: bool) -> None:
 
 
 def describe_noise(card: dict) -> str:
-    """The degradation a card's model is for: "gaussian sigma 10-50", "JPEG quality 10", or the
+    """The degradation a card's model is for: "gaussian sigma 10-50", "JPEG quality 10", "camera
+    + gaussian 5-30" (the photo denoiser: camera-like noise and a share of Gaussian draws), or the
     type alone for the tasks without a level (e.g. "GRBG mosaic")."""
     noise = card["noise"]
     kind = noise.get("type", "gaussian")
+    if kind == "camera":
+        lo, hi = noise.get("sigma_range", (None, None))
+        return "camera" if lo is None else f"camera + gaussian {lo:g}-{hi:g}"
     if "sigma" in noise:
         return f"{kind} sigma {noise['sigma']:g}"
     if "sigma_range" in noise:
