@@ -1,4 +1,6 @@
 """`rnan-fast demo` end to end with a tiny model exported into a temporary weights folder."""
+import json
+import shutil
 import sys
 
 import numpy as np
@@ -63,6 +65,35 @@ def test_demo_end_to_end(zoo, tmp_path, monkeypatch, capsys):
                            "--quiet", "--overwrite"], capsys)
     assert code == 0, err
     assert D.read_image(outdir / "noisy.png").shape == (40, 40, 3) and "coffee" in out and "sigma 15" in out
+
+
+def test_demo_with_camera_noise(zoo, tmp_path, monkeypatch, capsys):
+    """--noise camera draws data.photo_noise (seeded); a model whose card says denoise_photo is
+    shown on it by default, on Gaussian noise when --sigma is given."""
+    import skimage.data
+
+    monkeypatch.setenv(weights.ENV_FOLDER, str(zoo))
+    top, left = demo.SAMPLES["chelsea"][1]
+    clean = skimage.data.chelsea()[top:top + 40, left:left + 40]
+    outdir = tmp_path / "cam"
+    code, out, err = _run(["demo", "-o", outdir, "--crop", 40, "--image", "chelsea", "--noise", "camera", "--seed", 3,
+                           "--quiet"], capsys)
+    assert code == 0, err
+    assert np.array_equal(D.read_image(outdir / "noisy.png"), D.photo_noise(clean, 3).astype(np.uint8))
+    assert "camera-like noise" in out and "sigma" not in out
+    code, _, err = _run(["demo", "-o", outdir, "--noise", "camera", "--sigma", 10, "--overwrite"], capsys)
+    assert code == 2 and "--sigma" in err and "Traceback" not in err
+    # a photo denoiser's card: camera noise unless --sigma asks for Gaussian noise
+    own = shutil.copytree(zoo, tmp_path / "zoo")
+    monkeypatch.setenv(weights.ENV_FOLDER, str(own))
+    card_path = own / f"{weights.DEFAULT_MODEL}.json"
+    card = json.loads(card_path.read_text())
+    card.update(task="denoise_photo", noise={"type": "camera", "sigma_range": [5, 30]})
+    card_path.write_text(json.dumps(card))
+    code, out, err = _run(["demo", "-o", outdir, "--crop", 40, "--quiet", "--overwrite"], capsys)
+    assert code == 0 and "camera-like noise" in out, err
+    code, out, err = _run(["demo", "-o", outdir, "--crop", 40, "--quiet", "--overwrite", "--sigma", 20], capsys)
+    assert code == 0 and "Gaussian noise sigma 20" in out, err
 
 
 def test_demo_errors(zoo, tmp_path, monkeypatch, capsys):

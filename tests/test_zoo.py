@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from rnan_fast import RNAN, cli, weights
 from rnan_fast import data as D
-from rnan_fast.cli.models import note_sigma
+from rnan_fast.cli.models import describe_noise, note_sigma
 from rnan_fast.inference import restore_image
 from rnan_fast.metrics import psnr
 
@@ -243,6 +243,13 @@ def test_note_sigma(capsys):
     note_sigma({"name": "c", "task": "car", "noise": {"type": "jpeg"}}, 10, quiet=True)  # not a denoiser
     note_sigma(None, 10, quiet=True)  # a --weights file: no card
     assert capsys.readouterr().err == ""
+    photo = {"name": "p", "task": "denoise_photo", "noise": {"type": "camera", "sigma_range": [5, 30]}}
+    assert describe_noise(photo) == "camera + gaussian 5-30"
+    assert describe_noise({"noise": {"type": "camera"}}) == "camera"
+    note_sigma(photo, 20, quiet=True)
+    assert capsys.readouterr().err == ""
+    note_sigma(photo, 50, quiet=True)
+    assert "model p was trained for camera + gaussian 5-30, not sigma 50" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- command line
