@@ -424,7 +424,7 @@ def run(cfg: TrainConfig, resume: bool = False, quiet: bool = False, message: Ca
     joined = not distributed.initialized()  # a caller's own process group is left to the caller
     d = distributed.init(cfg.device)
     try:
-        return _run(cfg, d, resume, quiet, message, resumed_state)
+        return _Training(cfg, d, resume, quiet, message, resumed_state).loop()
     finally:
         if joined:
             distributed.shutdown()
@@ -439,200 +439,233 @@ def _cpu_has_fast_bf16() -> bool:
         return True
 
 
-def _run(cfg, d, resume, quiet, message, state) -> dict:
-    from tqdm import tqdm
+class _Training:
+    """One run's state, built in the order that makes it a function of its configuration (data,
+    then the seeded model, its EMA, the optimizer, and on --resume the saved states and RNG),
+    and the work of each step: train, log, validate, checkpoint."""
 
-    device = d.device
-    show_bar = d.main and not quiet
+    def __init__(self, cfg: TrainConfig, d: distributed.Dist, resume: bool, quiet: bool,
+                 message: Callable[[str], None] | None, state: dict | None):
+        self.cfg, self.d, self.quiet, self.message = cfg, d, quiet, message
+        self.device = d.device
+        self.show_bar = d.main and not quiet
+        self.files = _RunFiles(Path(cfg.out), d.main)
+        _prepare_out(self.files, resume, d)
+        if resume and state is None:
+            state = C.read_training_checkpoint(self.files.last)
+        if cfg.batch_size % d.world_size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must be a multiple of the "
+                              f"{d.world_size} processes")
+        images = self._load_data(state)
+        self._build_model(state)
+        self.start = state["step"] if state is not None else 0
+        self.best = dict(state["best"]) if state is not None and state.get("best") else None
+        self.last_saved = self.start if state is not None else None
+        self.files.write_config(cfg)
+        self.files.trim_log(self.start)
+        self._build_step(images)
+        self.pending: list[torch.Tensor] = []  # losses since the last check, on the device (no sync per step)
+        self.checked_until = self.start
+        self.loss = None
 
-    def note(msg: str) -> None:
-        if not d.main:
+    def note(self, msg: str) -> None:
+        """A one-line note from rank 0: to `message`, else stderr (through tqdm while its bar is on)."""
+        if not self.d.main:
             return
-        if message is not None:
-            message(msg)
-        elif show_bar:
+        if self.message is not None:
+            self.message(msg)
+        elif self.show_bar:
+            from tqdm import tqdm
+
             tqdm.write(msg, file=sys.stderr)
         else:
             print(msg, file=sys.stderr)
 
-    files = _RunFiles(Path(cfg.out), d.main)
-    _prepare_out(files, resume, d)
-    if resume and state is None:
-        state = C.read_training_checkpoint(files.last)
-    if cfg.batch_size % d.world_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) must be a multiple of the "
-                          f"{d.world_size} processes")
+    def _load_data(self, state: dict | None) -> list:
+        """The training images (checked against a resumed run's) and this rank's validation pairs."""
+        cfg, d = self.cfg, self.d
+        images, names = DS.load_images(cfg.data, cfg.task, cfg.patch_size * cfg.model_scale, warn=self.note)
+        self.fingerprint = data_fingerprint(names, images)
+        if state is not None and state["data"].get("fingerprint") not in (None, self.fingerprint):
+            raise ConfigError(f"--resume: the training images differ from those of {self.files.last} "
+                              f"({len(images)} images now); resume with the same --data")
+        mib = sum(im.nbytes for im in images) / 2**20
+        self.note(f"data: {len(images)} images ({mib:.1f} MiB as uint8 in memory) from {', '.join(map(str, cfg.data))}")
+        self.val_pairs = []
+        if cfg.val:
+            val_sigma = cfg.val_sigma if cfg.val_sigma is not None else (
+                cfg.sigma if cfg.sigma is not None or cfg.sigma_range is None else sum(cfg.sigma_range) / 2)
+            self.val_pairs = DS.validation_pairs(cfg.val, cfg.task, cfg.seed, sigma=val_sigma, quality=cfg.quality,
+                                                 scale=cfg.model_scale, limit=cfg.val_limit,
+                                                 shard=slice(d.rank, None, d.world_size), warn=self.note)
+            if int(d.all_reduce_sum([len(self.val_pairs)])[0]) == 0:
+                raise DS.DataError(f"--val {' '.join(cfg.val)}: no usable validation image")
+        return images
 
-    hr_patch = cfg.patch_size * cfg.model_scale
-    images, names = DS.load_images(cfg.data, cfg.task, hr_patch, warn=note)
-    fingerprint = data_fingerprint(names, images)
-    if state is not None and state["data"].get("fingerprint") not in (None, fingerprint):
-        raise ConfigError(f"--resume: the training images differ from those of {files.last} "
-                          f"({len(images)} images now); resume with the same --data")
-    mib = sum(im.nbytes for im in images) / 2**20
-    note(f"data: {len(images)} images ({mib:.1f} MiB as uint8 in memory) from {', '.join(map(str, cfg.data))}")
-    val_pairs = []
-    if cfg.val:
-        val_sigma = cfg.val_sigma if cfg.val_sigma is not None else (
-            cfg.sigma if cfg.sigma is not None or cfg.sigma_range is None else sum(cfg.sigma_range) / 2)
-        val_pairs = DS.validation_pairs(cfg.val, cfg.task, cfg.seed, sigma=val_sigma, quality=cfg.quality,
-                                        scale=cfg.model_scale, limit=cfg.val_limit,
-                                        shard=slice(d.rank, None, d.world_size), warn=note)
-        count = int(d.all_reduce_sum([len(val_pairs)])[0])
-        if count == 0:
-            raise DS.DataError(f"--val {' '.join(cfg.val)}: no usable validation image")
-
-    if cfg.precision == "bf16" and device.type == "cpu" and not _cpu_has_fast_bf16():
-        note("note: --precision bf16 on a CPU without AVX-512 bf16 support runs oneDNN's slow bf16 "
-             "path (8x slower than fp32 on an AMD EPYC, BENCHMARKS.md); fp32 is faster here")
-    net = _model(cfg)
-    if state is not None:
-        net.load_state_dict(state["model"])
-    elif cfg.init:
-        _load_init(net, cfg.init, note)
-    # channels_last on the CPU too: oneDNN's NHWC convolutions made a CPU step of RNAN (n_feats 32,
-    # 4 groups, batch 16, 48x48) 1.8x faster in fp32 (16.8 -> 9.5 s) and 1.7x in bf16 (11.4 -> 6.7 s),
-    # measured in one run on a loaded 2-core machine. Set here, before DDP: its gradient buckets
-    # take the parameters' layout at construction (a later change scrambles the averaged gradients).
-    net.to(device=device, memory_format=torch.channels_last)
-    ema = None
-    if cfg.ema is not None:
-        ema = copy.deepcopy(net).requires_grad_(False)  # same layout: one fast foreach lerp
+    def _build_model(self, state: dict | None) -> None:
+        """The model (seeded, --init or the resumed weights), its EMA, the optimizer, the RNG."""
+        cfg = self.cfg
+        if cfg.precision == "bf16" and self.device.type == "cpu" and not _cpu_has_fast_bf16():
+            self.note("note: --precision bf16 on a CPU without AVX-512 bf16 support runs oneDNN's slow bf16 "
+                      "path (8x slower than fp32 on an AMD EPYC, BENCHMARKS.md); fp32 is faster here")
+        self.net = net = _model(cfg)
         if state is not None:
-            ema.load_state_dict(state["ema"])
-    optimizer = make_optimizer(net, lr=cfg.lr)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        C.set_rng_state(state["rng"])
-    start = state["step"] if state is not None else 0
-    best = dict(state["best"]) if state is not None and state.get("best") else None
-    files.write_config(cfg)
-    files.trim_log(start)
+            net.load_state_dict(state["model"])
+        elif cfg.init:
+            _load_init(net, cfg.init, self.note)
+        # channels_last on the CPU too: oneDNN's NHWC convolutions made a CPU step of RNAN (n_feats 32,
+        # 4 groups, batch 16, 48x48) 1.8x faster in fp32 (16.8 -> 9.5 s) and 1.7x in bf16 (11.4 -> 6.7 s),
+        # measured in one run on a loaded 2-core machine. Set here, before DDP: its gradient buckets
+        # take the parameters' layout at construction (a later change scrambles the averaged gradients).
+        net.to(device=self.device, memory_format=torch.channels_last)
+        self.ema = None
+        if cfg.ema is not None:
+            self.ema = copy.deepcopy(net).requires_grad_(False)  # same layout: one fast foreach lerp
+            if state is not None:
+                self.ema.load_state_dict(state["ema"])
+        self.optimizer = make_optimizer(net, lr=cfg.lr)
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            C.set_rng_state(state["rng"])
 
-    trained = net
-    if d.active:
-        from torch.nn.parallel import DistributedDataParallel
+    def _build_step(self, images: list) -> None:
+        """The step function (DDP-wrapped under torchrun) and the loader of the remaining steps."""
+        cfg, d, device = self.cfg, self.d, self.device
+        trained = self.net
+        if d.active:
+            from torch.nn.parallel import DistributedDataParallel
 
-        trained = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    # The CUDA graph holds one process's whole step; DDP's gradient all-reduce runs eagerly.
-    step_fn = make_train_step(trained, optimizer, loss="l1" if cfg.task == "sr" else "mse",
-                              precision=cfg.precision, channels_last=True,
-                              cuda_graph=device.type == "cuda" and not d.active)
-    dataset = DS.TrainPatches(images, cfg.task, cfg.patch_size, cfg.batch_size, cfg.seed,
-                              sigma=cfg.sigma, sigma_range=tuple(cfg.sigma_range) if cfg.sigma_range else None,
-                              quality=cfg.quality, scale=cfg.model_scale)
-    workers = cfg.workers if cfg.workers is not None else DS.default_workers(device)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=DS.StepBatches(start, cfg.steps, cfg.batch_size, d.rank, d.world_size),
-        num_workers=workers, worker_init_fn=DS.worker_init if workers else None,
-        pin_memory=device.type == "cuda", persistent_workers=False)
-    ema_pairs = None
-    if ema is not None:
-        ema_pairs = ([p for p in ema.parameters()], [p for p in net.parameters()])
+            trained = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
+        # The CUDA graph holds one process's whole step; DDP's gradient all-reduce runs eagerly.
+        self.step_fn = make_train_step(trained, self.optimizer, loss="l1" if cfg.task == "sr" else "mse",
+                                       precision=cfg.precision, channels_last=True,
+                                       cuda_graph=device.type == "cuda" and not d.active)
+        self.dataset = DS.TrainPatches(images, cfg.task, cfg.patch_size, cfg.batch_size, cfg.seed,
+                                       sigma=cfg.sigma,
+                                       sigma_range=tuple(cfg.sigma_range) if cfg.sigma_range else None,
+                                       quality=cfg.quality, scale=cfg.model_scale)
+        workers = cfg.workers if cfg.workers is not None else DS.default_workers(device)
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=DS.StepBatches(self.start, cfg.steps, cfg.batch_size, d.rank, d.world_size),
+            num_workers=workers, worker_init_fn=DS.worker_init if workers else None,
+            pin_memory=device.type == "cuda", persistent_workers=False)
+        self.ema_pairs = None
+        if self.ema is not None:
+            self.ema_pairs = ([p for p in self.ema.parameters()], [p for p in self.net.parameters()])
 
-    def checkpoint(step: int) -> dict:
+    def checkpoint(self, step: int) -> dict:
+        cfg = self.cfg
         return {
             "format": C.TRAINING_FORMAT, "step": step,
-            "model": net.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "optimizer": optimizer.state_dict(),
+            "model": self.net.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
             "schedule": {"name": cfg.schedule, "lr": cfg.lr, "decay_every": cfg.lr_decay_every,
                          "steps": cfg.steps},
             "rng": C.rng_state(),
-            "data": {**dataset.position(step * cfg.batch_size), "fingerprint": fingerprint},
-            "best": best, "config": cfg.to_dict(),
+            "data": {**self.dataset.position(step * cfg.batch_size), "fingerprint": self.fingerprint},
+            "best": self.best, "config": cfg.to_dict(),
         }
 
-    last_saved = start if state is not None else None
+    def save(self, step: int, path: Path) -> None:
+        if self.d.main:
+            C.write_checkpoint(path, self.checkpoint(step))
 
-    def save(step: int, path: Path) -> None:
-        if d.main:
-            C.write_checkpoint(path, checkpoint(step))
-
-    pending: list[torch.Tensor] = []  # losses since the last check, on the device (no sync per step)
-    checked_until = start
-
-    def flush() -> float | None:
+    def flush(self) -> float | None:
         """Check the pending losses (one host sync): their mean over all ranks, or NonFiniteLoss
         at the first step where any rank's loss is not finite."""
-        nonlocal checked_until
-        if not pending:
+        d = self.d
+        if not self.pending:
             return None
-        values = torch.stack(pending).double().cpu()
-        pending.clear()
+        values = torch.stack(self.pending).double().cpu()
+        self.pending.clear()
         finite = torch.isfinite(values)
         local_first = len(values) if bool(finite.all()) else int((~finite).nonzero()[0])
         first = int(d.all_reduce_min([float(local_first)])[0])
         if first < len(values):
             value = float(values[first]) if first == local_first else math.nan
-            raise NonFiniteLoss(checked_until + first + 1, value, last_saved, files.last)
-        checked_until += len(values)
+            raise NonFiniteLoss(self.checked_until + first + 1, value, self.last_saved, self.files.last)
+        self.checked_until += len(values)
         return d.all_reduce_sum([float(values.sum())])[0] / (len(values) * d.world_size)
 
-    if start >= cfg.steps:
-        note(f"{files.last} is at step {start}, already >= --steps {cfg.steps}: nothing to train")
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not show_bar,
-               file=sys.stderr, dynamic_ncols=True)
-    note(f"training {net.describe()} for --task {cfg.task} on {device} ({d.world_size} process"
-         f"{'es' if d.active else ''}), steps {start} -> {cfg.steps}, global batch {cfg.batch_size}, "
-         f"patch {cfg.patch_size}")
-    loss_value = None
-    t_log, step_log = time.perf_counter(), start
-    started = time.perf_counter()
-    step = start
-    try:
-        with _Signals() as signals:
-            for step_index, (lq, gt) in zip(range(start, cfg.steps), loader):
-                _set_lr(optimizer, learning_rate(cfg, step_index))
-                try:
-                    pending.append(step_fn(lq, gt))
-                except torch.OutOfMemoryError as e:   # (the first step also captures the CUDA graph)
-                    raise OutOfMemory(cfg, step_index + 1, device, d.world_size, e) from None
-                if ema_pairs is not None:
-                    with torch.no_grad():
-                        torch._foreach_lerp_(ema_pairs[0], ema_pairs[1], 1.0 - cfg.ema)
-                step = step_index + 1
-                bar.update(1)
-                log_now = step % cfg.log_every == 0 or step == cfg.steps
-                save_now = step % cfg.save_every == 0 or step == cfg.steps
-                val_now = bool(val_pairs) and (step % cfg.val_every == 0 or step == cfg.steps)
-                stop = (d.any(signals.received is not None)
-                        if signal_check_due(step, d.active, log_now or save_now or val_now) else False)
-                save_now = save_now or stop
-                if log_now or save_now or val_now:
-                    mean = flush()
-                    if mean is not None:
-                        loss_value = mean
-                if log_now:
-                    now = time.perf_counter()
-                    ips = (step - step_log) * cfg.batch_size / max(now - t_log, 1e-9)
-                    t_log, step_log = now, step
-                    record = {"step": step, "loss": loss_value, "lr": learning_rate(cfg, step - 1),
-                              "images_per_s": round(ips, 3), "elapsed_s": round(now - started, 3)}
-                    files.append_log(record)
-                    bar.set_postfix(loss=f"{loss_value:.4g}", img_s=f"{ips:.1f}")
-                    if quiet:
-                        note(json.dumps(record))
-                if val_now:
-                    t_val = time.perf_counter()
-                    psnr, ssim, n = validate(ema if ema is not None else net, val_pairs, cfg.task,
-                                             cfg.model_scale, device, d)
-                    record = {"step": step, "val_psnr": psnr, "val_ssim": ssim, "val_images": n}
-                    files.append_log(record)
-                    improved = best is None or psnr > best["psnr"]
-                    if improved:
-                        best = {"psnr": psnr, "ssim": ssim, "step": step}
-                        save(step, files.best)
-                    note(f"step {step}: validation PSNR {psnr:.4f} dB, SSIM {ssim:.4f} on {n} images"
-                         f"{' (best so far: saved best.pt)' if improved else ''}")
-                    t_log += time.perf_counter() - t_val  # images/s counts training only
-                if save_now:
-                    save(step, files.last)
-                    last_saved = step
-                if stop:
-                    raise Interrupted(signals.received or signal.SIGINT, step)
-    finally:
-        bar.close()
-        pending.clear()
-    d.barrier()
-    return {"step": step, "last": str(files.last), "best": str(files.best) if best else None,
-            "best_psnr": best["psnr"] if best else None, "loss": loss_value}
+    def train_step(self, step_index: int, lq: torch.Tensor, gt: torch.Tensor) -> None:
+        """Step step_index + 1: the learning rate of its step, the update, the EMA."""
+        cfg = self.cfg
+        _set_lr(self.optimizer, learning_rate(cfg, step_index))
+        try:
+            self.pending.append(self.step_fn(lq, gt))
+        except torch.OutOfMemoryError as e:   # (the first step also captures the CUDA graph)
+            raise OutOfMemory(cfg, step_index + 1, self.device, self.d.world_size, e) from None
+        if self.ema_pairs is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema_pairs[0], self.ema_pairs[1], 1.0 - cfg.ema)
+
+    def log(self, step: int, images_per_s: float, elapsed: float, bar) -> None:
+        record = {"step": step, "loss": self.loss, "lr": learning_rate(self.cfg, step - 1),
+                  "images_per_s": round(images_per_s, 3), "elapsed_s": round(elapsed, 3)}
+        self.files.append_log(record)
+        bar.set_postfix(loss=f"{self.loss:.4g}", img_s=f"{images_per_s:.1f}")
+        if self.quiet:
+            self.note(json.dumps(record))
+
+    def validate(self, step: int) -> None:
+        """Validate the EMA (else the model); a new best is saved as best.pt."""
+        psnr, ssim, n = validate(self.ema if self.ema is not None else self.net, self.val_pairs, self.cfg.task,
+                                 self.cfg.model_scale, self.device, self.d)
+        self.files.append_log({"step": step, "val_psnr": psnr, "val_ssim": ssim, "val_images": n})
+        improved = self.best is None or psnr > self.best["psnr"]
+        if improved:
+            self.best = {"psnr": psnr, "ssim": ssim, "step": step}
+            self.save(step, self.files.best)
+        self.note(f"step {step}: validation PSNR {psnr:.4f} dB, SSIM {ssim:.4f} on {n} images"
+                  f"{' (best so far: saved best.pt)' if improved else ''}")
+
+    def loop(self) -> dict:
+        """Train from self.start to cfg.steps; returns run()'s summary."""
+        from tqdm import tqdm
+
+        cfg, d, start = self.cfg, self.d, self.start
+        if start >= cfg.steps:
+            self.note(f"{self.files.last} is at step {start}, already >= --steps {cfg.steps}: nothing to train")
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not self.show_bar,
+                   file=sys.stderr, dynamic_ncols=True)
+        self.note(f"training {self.net.describe()} for --task {cfg.task} on {self.device} ({d.world_size} process"
+                  f"{'es' if d.active else ''}), steps {start} -> {cfg.steps}, global batch {cfg.batch_size}, "
+                  f"patch {cfg.patch_size}")
+        t_log, step_log = time.perf_counter(), start
+        started = time.perf_counter()
+        step = start
+        try:
+            with _Signals() as signals:
+                for step_index, (lq, gt) in zip(range(start, cfg.steps), self.loader):
+                    self.train_step(step_index, lq, gt)
+                    step = step_index + 1
+                    bar.update(1)
+                    log_now = step % cfg.log_every == 0 or step == cfg.steps
+                    save_now = step % cfg.save_every == 0 or step == cfg.steps
+                    val_now = bool(self.val_pairs) and (step % cfg.val_every == 0 or step == cfg.steps)
+                    stop = (d.any(signals.received is not None)
+                            if signal_check_due(step, d.active, log_now or save_now or val_now) else False)
+                    save_now = save_now or stop
+                    if log_now or save_now or val_now:
+                        mean = self.flush()
+                        if mean is not None:
+                            self.loss = mean
+                    if log_now:
+                        now = time.perf_counter()
+                        self.log(step, (step - step_log) * cfg.batch_size / max(now - t_log, 1e-9), now - started, bar)
+                        t_log, step_log = now, step
+                    if val_now:
+                        t_val = time.perf_counter()
+                        self.validate(step)
+                        t_log += time.perf_counter() - t_val  # images/s counts training only
+                    if save_now:
+                        self.save(step, self.files.last)
+                        self.last_saved = step
+                    if stop:
+                        raise Interrupted(signals.received or signal.SIGINT, step)
+        finally:
+            bar.close()
+            self.pending.clear()
+        d.barrier()
+        return {"step": step, "last": str(self.files.last), "best": str(self.files.best) if self.best else None,
+                "best_psnr": self.best["psnr"] if self.best else None, "loss": self.loss}
