@@ -11,8 +11,8 @@ from PIL import Image
 
 from rnan_fast import RNAN, cli
 from rnan_fast import data as D
-from rnan_fast.baselines import (PAIRS_SIGMA_LEVEL, BaselineUnavailable, bm3d_denoise, check_baseline, estimate_sigma, menon_demosaic,
-                                 nlm_denoise)
+from rnan_fast.baselines import (PAIRS_SIGMA_GAIN, PAIRS_SIGMA_LEVEL, BaselineUnavailable, bm3d_denoise,
+                                 check_baseline, estimate_sigma, menon_demosaic, nlm_denoise, pairs_sigma)
 from rnan_fast.metrics import evaluate, psnr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -251,7 +251,9 @@ def test_eval_pairs_bm3d_uses_an_estimated_sigma(bm3d, pairs, tmp_path, capsys):
                            "--baseline", "bm3d", "--csv", tmp_path / "b.csv"], capsys)
     assert code == 0, err
     noisy = D.read_image(pairs / "cam_0_real.png")
-    want = psnr(D.read_image(pairs / "cam_0_mean.png"), bm3d_denoise(noisy, estimate_sigma(noisy)))
+    sigma = pairs_sigma(noisy)
+    assert sigma == pytest.approx(PAIRS_SIGMA_GAIN * estimate_sigma(noisy, PAIRS_SIGMA_LEVEL)) and sigma > 0
+    want = psnr(D.read_image(pairs / "cam_0_mean.png"), bm3d_denoise(noisy, sigma))
     assert float(_rows(tmp_path / "b.csv")[0]["psnr"]) == pytest.approx(want, abs=2e-6)
 
 
