@@ -401,8 +401,9 @@ def add_parser(sub) -> None:
     e.add_argument("--baseline", nargs="?", const="input", choices=("input", "bm3d", "nlm", "menon"),
                    help="--baseline alone: score the degraded input, no model (bicubic upscale for sr); "
                         "--baseline bm3d: BM3D / CBM3D given the true sigma (denoise_*; with --pairs an "
-                        "estimated one, baselines.pairs_sigma; the optional bm3d package); --baseline nlm: OpenCV's non-local "
-                        "means (denoise_*); --baseline menon: Menon 2007 demosaicing (demosaic; the optional "
+                        "estimated one, baselines.pairs_sigma; the optional bm3d package); --baseline nlm: "
+                        "OpenCV's non-local means (denoise_*); --baseline menon: Menon 2007 demosaicing "
+                        "(demosaic; the optional "
                         "colour-demosaicing package); alone or beside the model's columns on the same "
                         "degraded images")
     e.add_argument("--task", choices=TASKS, help="the degradation protocol (default with --model: the "
