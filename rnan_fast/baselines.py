@@ -26,8 +26,8 @@ import numpy as np
 
 from rnan_fast.imresize import to_uint8
 
-__all__ = ["Baseline", "BaselineUnavailable", "BASELINES", "check_baseline", "run_baseline", "bm3d_denoise",
-           "nlm_denoise", "estimate_sigma", "pairs_sigma", "menon_demosaic", "NLM_H",
+__all__ = ["Baseline", "BaselineUnavailable", "BASELINES", "check_baseline", "baseline_label", "run_baseline",
+           "bm3d_denoise", "nlm_denoise", "estimate_sigma", "pairs_sigma", "menon_demosaic", "NLM_H",
            "PAIRS_SIGMA_LEVEL", "PAIRS_SIGMA_GAIN"]
 
 DENOISING_TASKS = ("denoise_gray", "denoise_rgb", "denoise_photo")
@@ -78,6 +78,14 @@ def check_baseline(name: str, task: str) -> None:
     if task not in b.tasks:
         raise BaselineUnavailable(f"the {b.column} baseline applies to {' and '.join(b.tasks)}, not to {task}")
     _module(name)
+
+
+def baseline_label(name: str, params: dict) -> str:
+    """What baseline `name` is on eval's degradation `params` (its label; on real pairs, BM3D's
+    sigma is estimated rather than true)."""
+    if name == "bm3d" and params.get("pairs"):
+        return "BM3D (CBM3D for color) given an estimated sigma (baselines.pairs_sigma)"
+    return BASELINES[name].label
 
 
 def run_baseline(name: str, lq: np.ndarray, params: dict) -> np.ndarray:

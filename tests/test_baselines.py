@@ -17,6 +17,11 @@ from rnan_fast.metrics import evaluate, psnr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+# The bm3d package's binary is not bit-deterministic: repeated calls on one input differ now and
+# then by one grey level in a pixel (measured: 0 or 1 pixel of a 40x44 crop at sigma 6, 1.7e-4 dB),
+# so BM3D's scores are compared within these bounds, far below any real difference.
+BM3D_PSNR_TOL, BM3D_SSIM_TOL = 0.01, 1e-3
+
 
 @pytest.fixture(scope="module")
 def bm3d():
@@ -92,12 +97,13 @@ def test_eval_bm3d_beside_the_model(bm3d, crops, tmp_path, capsys):
     both = _rows(tmp_path / "m.csv")
     assert list(both[0]) == ["image", "psnr", "ssim", "bm3d_psnr", "bm3d_ssim"]
     for a, b in zip(alone, both):  # the very same noisy images: BM3D's columns equal the run without a model
-        assert (a["psnr"], a["ssim"]) == (b["bm3d_psnr"], b["bm3d_ssim"])
+        assert float(a["psnr"]) == pytest.approx(float(b["bm3d_psnr"]), abs=BM3D_PSNR_TOL)
+        assert float(a["ssim"]) == pytest.approx(float(b["bm3d_ssim"]), abs=BM3D_SSIM_TOL)
     gt = D.read_image(crops / "c1.png")
     lq = D.add_gaussian_noise(gt, 25, D.noise_seed(7, 1))
     p, s = evaluate(gt, bm3d_denoise(lq, 25), "denoise_rgb")
-    assert float(both[1]["bm3d_psnr"]) == pytest.approx(p, abs=2e-6)
-    assert float(both[1]["bm3d_ssim"]) == pytest.approx(s, abs=2e-6)
+    assert float(both[1]["bm3d_psnr"]) == pytest.approx(p, abs=BM3D_PSNR_TOL)
+    assert float(both[1]["bm3d_ssim"]) == pytest.approx(s, abs=BM3D_SSIM_TOL)
     mean = np.mean([float(r["bm3d_psnr"]) for r in both[:2]])
     assert float(both[2]["bm3d_psnr"]) == pytest.approx(mean, abs=2e-6)
     # the model's own columns are those of a run without the baseline
@@ -250,11 +256,12 @@ def test_eval_pairs_bm3d_uses_an_estimated_sigma(bm3d, pairs, tmp_path, capsys):
     code, out, err = _run(["eval", "--task", "denoise_rgb", "--pairs", "--data", pairs, "--quiet", "--no-ssim",
                            "--baseline", "bm3d", "--csv", tmp_path / "b.csv"], capsys)
     assert code == 0, err
+    assert "given an estimated sigma" in out and "true sigma" not in out
     noisy = D.read_image(pairs / "cam_0_real.png")
     sigma = pairs_sigma(noisy)
     assert sigma == pytest.approx(PAIRS_SIGMA_GAIN * estimate_sigma(noisy, PAIRS_SIGMA_LEVEL)) and sigma > 0
     want = psnr(D.read_image(pairs / "cam_0_mean.png"), bm3d_denoise(noisy, sigma))
-    assert float(_rows(tmp_path / "b.csv")[0]["psnr"]) == pytest.approx(want, abs=2e-6)
+    assert float(_rows(tmp_path / "b.csv")[0]["psnr"]) == pytest.approx(want, abs=BM3D_PSNR_TOL)
 
 
 def test_eval_pairs_user_errors(pairs, tmp_path, capsys):

@@ -179,7 +179,7 @@ def _describe_task(p: dict, args) -> str:
 
 
 def cmd_eval(args) -> int:
-    from rnan_fast.baselines import BASELINES, BaselineUnavailable, check_baseline
+    from rnan_fast.baselines import BASELINES, BaselineUnavailable, baseline_label, check_baseline
     model_given = args.weights is not None or args.model is not None
     if (args.baseline == "input" and model_given) or (args.baseline is None and not model_given):
         raise UserError("give --weights W.pt or --model NAME (restore and score; with --baseline NAME, that "
@@ -237,9 +237,9 @@ def cmd_eval(args) -> int:
         d.barrier()
     done = journal.done if journal else {}
     if net is not None:
-        who = net.describe() + (f", beside {BASELINES[beside].label}" if beside else "")
+        who = net.describe() + (f", beside {baseline_label(beside, p)}" if beside else "")
     elif method:
-        who = f"baseline {BASELINES[method].label}"
+        who = f"baseline {baseline_label(method, p)}"
     else:
         who = "baseline (degraded input)"
     width = max(12, max(len(f.name) for f in files))
