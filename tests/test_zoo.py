@@ -320,6 +320,13 @@ def test_models_lists_cards(use_zoo, capsys):
     assert "not measured" in default and "MiB" in default
     gray = next(line for line in lines if "tiny_gray" in line)
     assert "BSD68 s30 20.00 (BM3D 27.80), BSD68 s30 x8 20.50" in gray and not gray.startswith("*")
+    # a photo denoiser's card: its real-noise rows first, with the baselines beside them
+    from rnan_fast.cli.models import _measured
+
+    photo = {"measured": [{"set": "CBSD68", "sigma": 30, "psnr": 29.9},
+                          {"set": "PolyU_dev", "pairs": True, "psnr": 38.2, "bm3d_psnr": 37.9, "nlm_psnr": 37.71},
+                          {"set": "Kodak24", "sigma": 15, "psnr": 33.0}]}
+    assert _measured(photo) == "PolyU_dev real 38.20 (BM3D 37.90) (NLM 37.71), CBSD68 s30 29.90"
 
 
 def test_eval_with_a_shipped_model(use_zoo, data_dir, tmp_path, capsys):

@@ -92,22 +92,25 @@ def model_task(name: str) -> str:
 
 
 def _measured(card: dict) -> str:
-    """The card's sigma-30 rows (else its first two plain rows), e.g. "CBSD68 s30 30.12 (BM3D
-    29.85)", "McMaster 38.10 (Menon 34.24)" or "LIVE1 29.20 (JPEG 27.77)"; a row measured with --self-ensemble says so
-    ("Kodak24 s30 x8 31.04")."""
+    """The card's real-noise and sigma-30 rows (else its first two plain rows), e.g. "CBSD68 s30
+    30.12 (BM3D 29.85)", "PolyU_dev real 38.20 (BM3D 37.90) (NLM 37.71)", "McMaster 38.10 (Menon
+    34.24)" or "LIVE1 29.20 (JPEG 27.77)"; a row measured with --self-ensemble says so ("Kodak24
+    s30 x8 31.04")."""
     from rnan_fast.baselines import BASELINES
 
     rows = card.get("measured") or []
     if not rows:
         return "not measured"
-    chosen = [r for r in rows if r.get("sigma") == 30] or [r for r in rows if not r.get("self_ensemble")][:2]
+    # real-noise rows (eval --pairs) first, then the sigma-30 ones
+    chosen = ([r for r in rows if r.get("pairs")] + [r for r in rows if r.get("sigma") == 30]
+              or [r for r in rows if not r.get("self_ensemble")][:2])
     parts = []
     for r in chosen:
         beside = "".join(f" ({b.column} {r[name + '_psnr']:.2f})" for name, b in BASELINES.items()
                          if r.get(name + "_psnr") is not None)
         if r.get("jpeg_psnr") is not None:   # a JPEG model's row: the JPEG it started from
             beside += f" (JPEG {r['jpeg_psnr']:.2f})"
-        sigma = f" s{r['sigma']:g}" if r.get("sigma") is not None else ""
+        sigma = f" s{r['sigma']:g}" if r.get("sigma") is not None else (" real" if r.get("pairs") else "")
         x8 = " x8" if r.get("self_ensemble") else ""
         parts.append(f"{r['set']}{sigma}{x8} {r['psnr']:.2f}{beside}")
     return ", ".join(parts)
