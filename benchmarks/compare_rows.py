@@ -31,9 +31,9 @@ def main(argv: list[str]) -> int:
             return 2
         diffs = [first[k] - other[k] for k in first]
         wins = sum(d > 0 for d in diffs)
-        print(f"vs {other_name}: mean {sum(other.values()) / len(other):.4f} dB; difference mean {sum(diffs) / len(diffs):+.4f}, "
-              f"min {min(diffs):+.4f}, max {max(diffs):+.4f}; {name.split(':')[0]} higher on {wins}/{len(diffs)} images "
-              f"({100 * wins / len(diffs):.0f}%)")
+        print(f"vs {other_name}: mean {sum(other.values()) / len(other):.4f} dB; difference mean "
+              f"{sum(diffs) / len(diffs):+.4f}, min {min(diffs):+.4f}, max {max(diffs):+.4f}; {name} higher on "
+              f"{wins}/{len(diffs)} images ({100 * wins / len(diffs):.0f}%)")
     return 0
 
 

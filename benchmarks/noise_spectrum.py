@@ -1,0 +1,53 @@
+"""How the power of noise spreads over spatial frequency: real camera noise (noisy / clean
+pairs, PolyU names NAME_real / NAME_mean) against the training degradation rnan_fast.data.photo_noise
+on clean crops. Prints each band's median power and share of the total (MODEL_ZOO.md,
+"rnan_dn_photo").
+
+    python benchmarks/noise_spectrum.py ../shared/data/PolyU_dev ../shared/data/BSDS500/test
+
+Residual = noisy - clean (its mean per channel removed), power = |FFT|^2 / pixels averaged over
+channels, bands of radial frequency in cycles per pixel; clean crops: the first 30 images of the
+second folder, 256x256 from the top left, photo_noise seed = image index.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from rnan_fast import data as D
+
+BANDS = (0.0, 1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 0.71)   # 0.71 > sqrt(2) / 2: the corner of the spectrum
+
+
+def band_power(residual: np.ndarray) -> np.ndarray:
+    """Mean power of an (H, W, C) residual in each band of BANDS, shape (len(BANDS) - 1,)."""
+    r = residual - residual.mean(axis=(0, 1))
+    power = (np.abs(np.fft.fft2(r, axes=(0, 1))) ** 2 / (r.shape[0] * r.shape[1])).mean(axis=2)
+    f = np.hypot(np.fft.fftfreq(r.shape[0])[:, None], np.fft.fftfreq(r.shape[1])[None, :])
+    return np.array([power[(f >= lo) & (f < hi)].mean() for lo, hi in zip(BANDS[:-1], BANDS[1:])])
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    pairs, clean_dir = Path(argv[0]), Path(argv[1])
+    real = []
+    for f in sorted(pairs.glob("*_real.*")):
+        clean = D.read_image(f.with_name(f.name.replace("_real", "_mean")))
+        real.append(band_power(D.read_image(f).astype(np.float64) - clean))
+    synthetic = []
+    for i, f in enumerate(D.list_images(clean_dir)[:30]):
+        crop = D.to_rgb(D.read_image(f))[:256, :256]
+        synthetic.append(band_power(D.photo_noise(crop, i) - crop))
+    print("bands (cycles/pixel):", ", ".join(f"{lo:.3g}-{hi:.3g}" for lo, hi in zip(BANDS[:-1], BANDS[1:])))
+    for name, rows in ((f"{pairs.name} ({len(real)} pairs)", real), (f"photo_noise ({len(synthetic)} crops)", synthetic)):
+        median = np.median(np.array(rows), axis=0)
+        print(f"{name}: power {np.round(median, 2).tolist()}, share {np.round(median / median.sum(), 2).tolist()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
