@@ -73,8 +73,8 @@ def check_crop(data_dir, n_colors):
 
 def check_model(name, data_dir):
     """What CI asks of a shipped model: its file matches its card (size, SHA-256, architecture),
-    it loads, and it restores the check crop, degraded as its task says (denoisers: Gaussian noise
-    at check_sigma), by at least the card's test_gain_db. Returns the gain."""
+    it loads, and it restores the check crop, degraded as its task says (Gaussian denoisers: noise
+    at check_sigma; the others: data.degrade's seed 0), by at least the card's test_gain_db. Returns the gain."""
     card = weights.card(name)
     path = weights.verify(name)
     assert path.stat().st_size == card["size"] and weights.sha256_of(path) == card["sha256"]
@@ -84,10 +84,7 @@ def check_model(name, data_dir):
     task = card["task"]
     assert D.TASK_COLORS[task] == net.n_colors
     clean = check_crop(data_dir, net.n_colors)
-    if task == "denoise_photo":   # camera-like noise, the draw of seed 0
-        what = "camera-like noise (seed 0)"
-        degraded = D.degrade(clean, task, seed=0)[1]
-    elif task.startswith("denoise"):
+    if task in ("denoise_gray", "denoise_rgb"):
         what = f"sigma {weights.check_sigma(card)}"
         degraded = D.add_gaussian_noise(clean, weights.check_sigma(card), seed=0)
     elif task == "car":   # JPEG at the card's quality

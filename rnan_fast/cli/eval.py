@@ -403,9 +403,8 @@ def add_parser(sub) -> None:
                         "--baseline bm3d: BM3D / CBM3D given the true sigma (denoise_*; with --pairs an "
                         "estimated one, baselines.pairs_sigma; the optional bm3d package); --baseline nlm: "
                         "OpenCV's non-local means (denoise_*); --baseline menon: Menon 2007 demosaicing "
-                        "(demosaic; the optional "
-                        "colour-demosaicing package); alone or beside the model's columns on the same "
-                        "degraded images")
+                        "(demosaic; the optional colour-demosaicing package); alone or beside the model's "
+                        "columns on the same degraded images")
     e.add_argument("--task", choices=TASKS, help="the degradation protocol (default with --model: the "
                    "model card's task; required otherwise)")
     e.add_argument("--sigma", type=float, help="noise level (denoise_*), 0..255 scale")
