@@ -118,9 +118,8 @@ def _resolve_model(model, device, dtype):
 
 def restore_file(path_in: str | os.PathLike, path_out: str | os.PathLike, model=None, *, device: str = "cpu",
                  precision: str = "auto", tile: int | str | None = "auto", overlap: int | None = None,
-                 chop: bool = False,
-                 self_ensemble: bool = False, strength: float = 1.0, quality: int = DEFAULT_QUALITY,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[str]:
+                 chop: bool = False, self_ensemble: bool = False, pixel_shuffle: int = 1, strength: float = 1.0,
+                 quality: int = DEFAULT_QUALITY, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[str]:
     """Restore one image file into another, keeping what the photo carries (rnan_fast.image_io):
     orientation applied, ICC profile and EXIF written back, alpha, 16 bits and gray kept where
     the output format holds them. The output format follows path_out's suffix (.png, .jpg,
@@ -131,10 +130,10 @@ def restore_file(path_in: str | os.PathLike, path_out: str | os.PathLike, model=
     precision: "auto" (bf16 on CPUs with native bf16 arithmetic, else fp32: inference.auto_precision),
     "fp32", "bf16" or "fp16". tile: "auto" (CPU: images larger than the model's tile run in its
     overlapping tiles, as the command line does), None (whole image) or a tile side in pixels;
-    overlap: None for the model's own (inference.cpu_tiling); chop, self_ensemble: as
-    rnan_fast.inference.restore_tensor. strength: 0..1, the share of the
-    restored image in the output (blend with the input; models that keep the size, not SR or
-    demosaicing). quality: JPEG / WebP quality.
+    overlap: None for the model's own (inference.cpu_tiling); chop, self_ensemble,
+    pixel_shuffle (2 for real camera photos): as rnan_fast.inference.restore_tensor.
+    strength: 0..1, the share of the restored image in the output (blend with the input; models
+    that keep the size, not SR or demosaicing). quality: JPEG / WebP quality.
     Returns notes on what had to change (e.g. alpha dropped for a JPEG output).
     Raises rnan_fast.image_io.ImageReadError for an unreadable input, ValueError for an input
     the model does not take (a full colour image for a demosaicing model)."""
@@ -150,14 +149,17 @@ def restore_file(path_in: str | os.PathLike, path_out: str | os.PathLike, model=
     own_tile, own_overlap = cpu_tiling(card)
     overlap = own_overlap if overlap is None else overlap
     check_strength(strength, model_scale(net), task)
+    if int(pixel_shuffle) < 1:
+        raise ValueError(f"pixel_shuffle must be >= 1 (1: off), got {pixel_shuffle}")
     photo = read_photo(path_in, max_pixels=max_pixels)
     pixels, note = model_input(photo, model_colors(net), task)
     notes = list(photo.notes) + ([note] if note else [])
-    if tile == "auto":
-        tiling = None if chop else auto_tile(net, *pixels.shape[:2], device, (own_tile, overlap))
+    if tile == "auto":   # the model sees sub-images of ceil(h / k) x ceil(w / k) with pixel_shuffle k
+        sub = [-(-n // int(pixel_shuffle)) for n in pixels.shape[:2]]
+        tiling = None if chop else auto_tile(net, *sub, device, (own_tile, overlap))
         tile, overlap = tiling or (None, overlap)
     restored = restore_array(net, pixels, device=device, dtype=dtype, tile=tile, overlap=overlap, chop=chop,
                              self_ensemble=self_ensemble, period=2 if task == "demosaic" else 1,
-                             tile_batch=tile_batch_for(device))
+                             tile_batch=tile_batch_for(device), pixel_shuffle=pixel_shuffle)
     out = restored_photo(photo, blend(pixels, restored, strength), model_scale(net), task)
     return notes + write_photo(path_out, out, quality=quality)

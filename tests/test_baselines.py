@@ -274,3 +274,22 @@ def test_eval_pairs_user_errors(pairs, tmp_path, capsys):
     (pairs / "cam_1_mean.png").unlink()
     code, _, err = _run(base + ["--task", "denoise_rgb", "--data", pairs], capsys)
     assert code == 2 and "no _mean image beside cam_1_real.png" in err, err
+
+
+def test_eval_pairs_through_pixel_shuffle(pairs, tmp_path, capsys):
+    """--pixel-shuffle 2 scores the model on the 4 stride-2 sub-images of each stored noisy
+    image, interleaved back (inference.restore_tensor's pixel_shuffle), and says so."""
+    from rnan_fast.inference import restore_image
+
+    torch.manual_seed(1)
+    net = RNAN(n_colors=3, n_feats=8, n_resgroups=2)
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    code, out, err = _run(["eval", "--task", "denoise_rgb", "--pairs", "--data", pairs, "--quiet", "--no-ssim",
+                           "--weights", tmp_path / "w.pt", "--pixel-shuffle", 2, "--csv", tmp_path / "p.csv"], capsys)
+    assert code == 0, err
+    assert "pixel-shuffle downsampling x2" in out
+    noisy = D.read_image(pairs / "cam_0_real.png").astype(np.float32)
+    clean = D.read_image(pairs / "cam_0_mean.png")
+    shuffled, plain = (restore_image(net.eval(), noisy, pixel_shuffle=k) for k in (2, 1))
+    assert not np.array_equal(shuffled, plain)
+    assert float(_rows(tmp_path / "p.csv")[0]["psnr"]) == pytest.approx(psnr(clean, shuffled), abs=2e-6)

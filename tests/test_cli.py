@@ -154,6 +154,26 @@ def test_restore_tile_and_chop_options(ckpts, crops, tmp_path, capsys):
     assert code == 2 and "exclude" in err
 
 
+def test_restore_pixel_shuffle_option(ckpts, crops, tmp_path, capsys):
+    """--pixel-shuffle 2 gives the library's restore_image(pixel_shuffle=2) on an odd-sized
+    photo; it is refused for an SR model and below 1, before anything is written."""
+    from rnan_fast.inference import restore_image
+
+    img = crops["rgb"] / "mcm1.png"   # 33 x 27
+    code, _, err = _run(["restore", "--weights", ckpts["rgb"], "-o", tmp_path / "p", "--quiet",
+                         "--pixel-shuffle", 2, img], capsys)
+    assert code == 0, err
+    net = RNAN.from_checkpoint(ckpts["rgb"]).eval()
+    want = restore_image(net, D.read_image(img), pixel_shuffle=2)
+    assert np.array_equal(D.read_image(tmp_path / "p" / "mcm1.png"), want)
+    assert not np.array_equal(want, restore_image(net, D.read_image(img)))
+    for argv, needle in (([ckpts["sr2"], "--pixel-shuffle", 2], "not for a x2 super-resolution model"),
+                         ([ckpts["rgb"], "--pixel-shuffle", 0], "--pixel-shuffle must be >= 1")):
+        code, _, err = _run(["restore", "-o", tmp_path / "never", "--quiet", "--weights", *argv, img], capsys)
+        assert code == 2 and needle in err, err
+        assert not (tmp_path / "never").exists()
+
+
 def test_restore_official_format_fixtures(fixtures_dir, crops, tmp_path, capsys):
     """Checkpoints in the official layout (shared fixtures): the configuration comes from the file."""
     img = crops["rgb"] / "set12_01.png"

@@ -346,3 +346,73 @@ def test_period_keeps_every_call_on_the_pattern(kwargs):
         restore_tensor(PhaseChecker(), x, period=2, self_ensemble=True)
     with pytest.raises(ValueError, match="multiples of 2"):
         restore_tensor(PhaseChecker(), x, period=2, tile=9, overlap=2)
+
+
+# --------------------------------------------------------------------------- pixel-shuffle downsampling
+
+def _sub_images_by_slicing(x: np.ndarray, k: int) -> list:
+    """The reference: x (B, C, H, W) padded at the bottom/right by repeating edges (numpy),
+    then sliced [i::k, j::k] in (i, j) order."""
+    h, w = x.shape[-2:]
+    xp = np.pad(x, ((0, 0), (0, 0), (0, (-h) % k), (0, (-w) % k)), mode="edge")
+    return [xp[:, :, i::k, j::k] for i in range(k) for j in range(k)]
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("size", [(20, 30), (21, 31), (1, 5)])
+def test_shuffle_down_is_strided_slicing_and_shuffle_up_inverts_it(k, size):
+    from rnan_fast.inference import shuffle_down, shuffle_up
+
+    g = torch.Generator().manual_seed(k * 100 + size[0])
+    base = torch.rand(2, 3, size[0], size[1] + 3, generator=g, dtype=torch.float64)
+    x = base[..., 3:]   # a non-contiguous view
+    subs = shuffle_down(x, k)
+    ref = _sub_images_by_slicing(x.numpy(), k)
+    hs, ws = -(-size[0] // k), -(-size[1] // k)
+    assert subs.shape == (2 * k * k, 3, hs, ws)
+    for b in range(2):
+        for n, r in enumerate(ref):
+            np.testing.assert_array_equal(subs[b * k * k + n].numpy(), r[b])
+    back = shuffle_up(subs, k)[..., : size[0], : size[1]]
+    assert torch.equal(back, x)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(tile=8, overlap=6), dict(self_ensemble=True)])
+@pytest.mark.parametrize("size", [(24, 18), (23, 17)])
+def test_pixel_shuffle_restores_each_sub_image_alone(kwargs, size):
+    """restore_tensor(pixel_shuffle=2) = the model on each stride-2 sub-image of the edge-padded
+    image, interleaved back and cropped (float64; tiles with overlap 6 are exact for LocalNet's
+    radius 3)."""
+    net = LocalNet(1).double().eval()
+    x = _x(*size).double()
+    ref_subs = _sub_images_by_slicing(x.numpy(), 2)
+    with torch.no_grad():
+        outs = [(forward_x8(net, torch.from_numpy(r)) if kwargs.get("self_ensemble") else net(torch.from_numpy(r)))
+                for r in ref_subs]
+    h2, w2 = ref_subs[0].shape[-2:]
+    want = torch.full((1, 3, 2 * h2, 2 * w2), float("nan"), dtype=torch.float64)
+    for n, o in enumerate(outs):
+        want[:, :, n // 2::2, n % 2::2] = o
+    calls = []
+    got = restore_tensor(net, x, pixel_shuffle=2, progress=lambda d, t: calls.append((d, t)), **kwargs)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, want[..., : size[0], : size[1]], rtol=1e-12, atol=1e-10)
+    assert calls and calls[-1][0] == calls[-1][1]
+
+
+def test_pixel_shuffle_of_identity_is_identity_and_refusals():
+    class Identity(nn.Module):
+        scale = 1
+
+        def forward(self, v):
+            return v.clone()
+
+    x = _x(13, 22)
+    for k in (1, 2, 3, 4):
+        assert torch.equal(restore_tensor(Identity(), x, pixel_shuffle=k), x)
+    with pytest.raises(ValueError, match="scale 2"):
+        restore_tensor(LocalNet(2).eval(), x, pixel_shuffle=2)
+    with pytest.raises(ValueError, match="Bayer"):
+        restore_tensor(Identity(), x, pixel_shuffle=2, period=2)
+    with pytest.raises(ValueError, match=">= 1"):
+        restore_tensor(Identity(), x, pixel_shuffle=0)

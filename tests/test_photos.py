@@ -312,6 +312,10 @@ def test_restore_file_with_a_real_model(tmp_path):
     photos.restore_file(tmp_path / "a.png", tmp_path / "b.png", model=net, tile=None)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), restore_image(net, rgb))
     assert Image.open(tmp_path / "b.png").info["icc_profile"] == ICC
+    photos.restore_file(tmp_path / "a.png", tmp_path / "c.png", model=net, pixel_shuffle=2)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "c.png")), restore_image(net, rgb, pixel_shuffle=2))
+    with pytest.raises(ValueError, match="pixel_shuffle"):
+        photos.restore_file(tmp_path / "a.png", tmp_path / "d.png", model=net, pixel_shuffle=0)
 
 
 # --------------------------------------------------------------------------- the command around it

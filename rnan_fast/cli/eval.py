@@ -237,7 +237,8 @@ def cmd_eval(args) -> int:
         d.barrier()
     done = journal.done if journal else {}
     if net is not None:
-        who = net.describe() + (f", beside {baseline_label(beside, p)}" if beside else "")
+        shuffled = f" through pixel-shuffle downsampling x{opts.pixel_shuffle}" if opts.pixel_shuffle > 1 else ""
+        who = net.describe() + shuffled + (f", beside {baseline_label(beside, p)}" if beside else "")
     elif method:
         who = f"baseline {baseline_label(method, p)}"
     else:

@@ -34,6 +34,8 @@ def run_settings(args, opts, p: dict, data_files: list[Path], model_id: str | No
         s.update(precision=opts.precision, backend=opts.backend or os.environ.get("RNAN_FAST_BACKEND", "auto"),
                  tile=opts.tile, tile_overlap=opts.overlap, chop=opts.chop, whole=opts.whole,
                  self_ensemble=opts.self_ensemble)
+        if opts.pixel_shuffle != 1:   # (absent when off: journals written before the option still resume)
+            s["pixel_shuffle"] = opts.pixel_shuffle
     return s
 
 

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from rnan_fast.cli.common import PROG, RunOptions, _report
+from rnan_fast.cli.common import PROG, RunOptions, UserError, _report
 
 # A bar inside an image appears only once the image has run this long (tqdm's delay), so quick
 # images print nothing beyond the per-image bar.
@@ -19,10 +19,11 @@ class ImageRunner:
     output, `run(img, name, quantize=False)` -> float32 (for 16-bit photos). card: the shipped
     model's card (its CPU tiles, its task), None for a checkpoint; task: the eval protocol's task
     when it differs from the card's (None: the card's). Task "demosaic" keeps every model call
-    on the mosaic's 2x2 pattern."""
+    on the mosaic's 2x2 pattern. UserError: --pixel-shuffle with a model that changes the size
+    or reads a mosaic."""
 
     def __init__(self, opts: RunOptions, net, card: dict | None = None, task: str | None = None):
-        from rnan_fast.inference import cpu_tiling, tile_batch_for
+        from rnan_fast.inference import cpu_tiling, model_scale, tile_batch_for
 
         self.opts, self.net = opts, net
         task = task or (card or {}).get("task")
@@ -32,7 +33,12 @@ class ImageRunner:
             overlap = self.tiling[1] if opts.tile is None else min(self.tiling[1], opts.tile // 2)
         # a demosaicing model reads a GRBG mosaic: every model call starts on its 2x2 pattern
         self.kwargs = dict(tile=opts.tile, overlap=overlap, chop=opts.chop, self_ensemble=opts.self_ensemble,
-                           period=2 if task == "demosaic" else 1, tile_batch=tile_batch_for(opts.device))
+                           period=2 if task == "demosaic" else 1, tile_batch=tile_batch_for(opts.device),
+                           pixel_shuffle=opts.pixel_shuffle)
+        if opts.pixel_shuffle > 1 and (task == "demosaic" or model_scale(net) != 1):
+            what = "a demosaicing model" if task == "demosaic" else f"a x{model_scale(net)} super-resolution model"
+            raise UserError(f"--pixel-shuffle splits the image into sub-images for a model that keeps the size "
+                            f"(denoising, JPEG): not for {what}")
         self.told = False
         # auto-tiling only when nothing was chosen: no --tile, --chop or --whole
         self.auto = opts.tile is None and not opts.chop and not opts.whole
@@ -46,8 +52,9 @@ class ImageRunner:
         if not self.auto:
             return kwargs
         h, w = img.shape[:2]
+        k = self.opts.pixel_shuffle   # the model sees sub-images of ceil(h / k) x ceil(w / k)
         tiling = (self.tiling[0], self.kwargs["overlap"])
-        chosen = auto_tile(self.net, h, w, self.opts.device, tiling)
+        chosen = auto_tile(self.net, -(-h // k), -(-w // k), self.opts.device, tiling)
         if chosen is None:
             return kwargs
         kwargs["tile"], kwargs["overlap"] = chosen
