@@ -24,13 +24,16 @@ import torch
 from torch import Tensor, nn
 
 from rnan_fast import _ext
-from rnan_fast.modules import DIV2K_RGB_MEAN, MeanShift, ResGroup, Upsampler, default_conv
+from rnan_fast.modules import DIV2K_RGB_MEAN, MeanShift, MosaicFill, ResGroup, Upsampler, default_conv
 from rnan_fast.reference import check_softmax_over
 
 __all__ = ["RNAN", "CheckpointError", "make_model"]
 
 _DEFAULTS = {"n_colors": 3, "scale": 1, "n_feats": 64, "n_resgroups": 10, "rgb_range": 255,
-             "softmax_over": "query"}
+             "softmax_over": "query", "mosaic": None}
+# What `mosaic` may be: None (the input as it is: the official model), or the Bayer pattern of a
+# zero-filled mosaic input that the model first fills by bilinear interpolation (MosaicFill).
+MOSAIC_PATTERNS = ("grbg",)
 # The settings that decide parameter shapes (what a checkpoint must agree with).
 SHAPE_KEYS = ("n_colors", "scale", "n_feats", "n_resgroups")
 # Keys under which training scripts nest a state dict, tried in this order.
@@ -59,7 +62,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_config(n_colors, scale, n_feats, n_resgroups, rgb_range, softmax_over) -> None:
+def _check_config(n_colors, scale, n_feats, n_resgroups, rgb_range, softmax_over, mosaic) -> None:
     if not _is_int(n_colors) or n_colors < 1:
         raise ValueError(f"RNAN: n_colors must be a positive int, got {n_colors!r}")
     if not _is_int(n_feats) or n_feats < 2 or n_feats % 2:
@@ -77,6 +80,10 @@ def _check_config(n_colors, scale, n_feats, n_resgroups, rgb_range, softmax_over
     if isinstance(rgb_range, bool) or not isinstance(rgb_range, (int, float)) or not rgb_range > 0:
         raise ValueError(f"RNAN: rgb_range must be a positive number, got {rgb_range!r}")
     check_softmax_over(softmax_over)
+    if mosaic is not None and (mosaic not in MOSAIC_PATTERNS or n_colors != 3 or scale != 1):
+        raise ValueError(f"RNAN: mosaic must be None or one of {MOSAIC_PATTERNS} with n_colors=3 and scale 1 "
+                         f"(a 3-channel zero-filled Bayer mosaic in, RGB out); got mosaic={mosaic!r}, "
+                         f"n_colors={n_colors}, scale={scale}")
 
 
 def _from_args(args: Any) -> dict:
@@ -135,7 +142,13 @@ class RNAN(nn.Module):
     softmax_over: "query" normalises the non-local attention over queries (softmax dim=1, as the
     official checkpoints were trained), "key" is ordinary attention.
 
-    Attributes: `config` (dict of the six settings above), `task` ("denoise" or "sr").
+    mosaic (not in the official code; default None: the official model): "grbg" for a demosaicing
+    model whose input is the zero-filled 3-channel GRBG mosaic and which first fills it by
+    bilinear interpolation (modules.MosaicFill, no parameters), so that its residual (the
+    denoising form's x + tail(...)) starts from bilinear demosaicing instead of from zeros. The
+    state dict is the official one either way.
+
+    Attributes: `config` (dict of the seven settings above), `task` ("denoise" or "sr").
     Submodules: [sub_mean, add_mean (SR only)], head, body_nl_low, body, body_nl_high, tail,
     parameter names and shapes as in the official code.
     """
@@ -144,7 +157,7 @@ class RNAN(nn.Module):
 
     def __init__(self, args: Any = None, *, n_colors: int | None = None, scale: int | None = None,
                  n_feats: int | None = None, n_resgroups: int | None = None,
-                 rgb_range: float | None = None, softmax_over: str | None = None):
+                 rgb_range: float | None = None, softmax_over: str | None = None, mosaic: str | None = None):
         super().__init__()
         config = dict(_DEFAULTS)
         if args is not None:
@@ -153,7 +166,7 @@ class RNAN(nn.Module):
                                 f"mapping; pass settings as keywords (got {args!r})")
             config.update(_from_args(args))
         given = {"n_colors": n_colors, "scale": scale, "n_feats": n_feats, "n_resgroups": n_resgroups,
-                 "rgb_range": rgb_range, "softmax_over": softmax_over}
+                 "rgb_range": rgb_range, "softmax_over": softmax_over, "mosaic": mosaic}
         config.update({k: v for k, v in given.items() if v is not None})
         if isinstance(config["scale"], (list, tuple)):
             config["scale"] = _first_scale(config["scale"])
@@ -163,8 +176,10 @@ class RNAN(nn.Module):
         _check_config(**config)
         _warn_without_extension()
         self.config = config
-        n_colors, scale, n_feats, n_resgroups, rgb_range, softmax_over = (config[k] for k in _DEFAULTS)
+        n_colors, scale, n_feats, n_resgroups, rgb_range, softmax_over, mosaic = (config[k] for k in _DEFAULTS)
         self.task = "sr" if scale > 1 else "denoise"
+        if mosaic is not None:   # (holds no tensors: the state dict keeps the official keys)
+            self.fill = MosaicFill()
 
         # Registration order follows the official code, so state_dict() lists keys in its order.
         if self.task == "sr":
@@ -193,6 +208,8 @@ class RNAN(nn.Module):
             raise ValueError(f"RNAN: input must be (B, {self.n_colors}, H, W), got shape {tuple(x.shape)}")
         if self.task == "sr":
             x = self.sub_mean(x)
+        elif self.config["mosaic"] is not None:
+            x = self.fill(x)
         feats = self.head(x)
         res = self.body_nl_high(self.body(self.body_nl_low(feats)))
         if self.task == "sr":
@@ -205,7 +222,8 @@ class RNAN(nn.Module):
     def from_checkpoint(cls, path_or_state_dict: str | os.PathLike | Mapping, map_location: Any = "cpu",
                         softmax_over: str | None = None, *, weights_only: bool = True,
                         n_colors: int | None = None, scale: int | None = None, n_feats: int | None = None,
-                        n_resgroups: int | None = None, rgb_range: float | None = None) -> "RNAN":
+                        n_resgroups: int | None = None, rgb_range: float | None = None,
+                        mosaic: str | None = None) -> "RNAN":
         """Build an RNAN whose configuration is read off an official-format state dict, and load it.
 
         path_or_state_dict: a file saved with torch.save, a .safetensors file, or an in-memory
@@ -222,24 +240,26 @@ class RNAN(nn.Module):
             the weights must fit (a checkpoint for another configuration is then reported).
         rgb_range: the input range; default: a safetensors file's metadata, else read off the SR
             mean shift, else 255.
+        mosaic: default: the file's stored config (safetensors metadata, or the model config a
+            `rnan-fast train` checkpoint records), else None (the official model).
 
         Inferred: n_colors and n_feats from head.0.weight, n_resgroups from the number of
-        body.<i> groups (+ 2 non-local groups), scale from the tail upsampler. A safetensors
-        file's metadata config must agree with them (else CheckpointError) and supplies what the
-        shapes cannot tell (rgb_range, softmax_over). The result's `config` holds them. Loading
+        body.<i> groups (+ 2 non-local groups), scale from the tail upsampler. The config a file
+        stores (safetensors metadata, a training checkpoint's "model_config") must agree with
+        them (else CheckpointError) and supplies what the shapes cannot tell (rgb_range,
+        softmax_over, mosaic). The result's `config` holds them. Loading
         is strict; any missing, unexpected or mis-shaped key raises CheckpointError (a
         ValueError) listing them all.
         """
-        state_dict, source = read_checkpoint(path_or_state_dict, map_location, weights_only)
+        state_dict, source, stored = _read(path_or_state_dict, map_location, weights_only)
         inferred = infer_config(state_dict, source)
-        stored = stored_config(path_or_state_dict)
         differ = [f"{k}: metadata {stored[k]!r}, tensors {inferred[k]!r}" for k in SHAPE_KEYS
                   if k in stored and stored[k] != inferred[k]]
         if differ:
             raise CheckpointError(f"{source}: the config in the file's metadata does not fit its tensors "
                                   f"({'; '.join(differ)})")
         given = {"n_colors": n_colors, "scale": scale, "n_feats": n_feats, "n_resgroups": n_resgroups,
-                 "rgb_range": rgb_range, "softmax_over": softmax_over}
+                 "rgb_range": rgb_range, "softmax_over": softmax_over, "mosaic": mosaic}
         config = {**inferred, **stored, **{k: v for k, v in given.items() if v is not None}}
         net = cls(**config)
         hint = ""
@@ -310,6 +330,15 @@ def read_checkpoint(path_or_state_dict: str | os.PathLike | Mapping, map_locatio
                     weights_only: bool = True) -> tuple[dict, str]:
     """(flat state dict, a name for messages) from a checkpoint file (torch.save or safetensors)
     or an in-memory dict."""
+    return _read(path_or_state_dict, map_location, weights_only)[:2]
+
+
+def _read(path_or_state_dict: str | os.PathLike | Mapping, map_location: Any,
+          weights_only: bool) -> tuple[dict, str, dict]:
+    """read_checkpoint's (state dict, name), and the RNAN config the file stores: a safetensors
+    file's metadata (stored_config), a training checkpoint's "model_config" (RNAN settings
+    only), else {}."""
+    stored = stored_config(path_or_state_dict)
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         source = os.fspath(path_or_state_dict)
         obj = load_checkpoint_file(source, map_location, weights_only)
@@ -319,8 +348,11 @@ def read_checkpoint(path_or_state_dict: str | os.PathLike | Mapping, map_locatio
         raise TypeError(f"RNAN: expected a checkpoint path or a state dict, got {type(path_or_state_dict).__name__}")
     if isinstance(obj, Mapping) and obj.get("format") == TRAINING_FORMAT:
         # a training checkpoint: the EMA weights when the run kept them (what validation scored)
+        model_config = obj.get("model_config")   # (absent in checkpoints made before it was kept)
+        if isinstance(model_config, Mapping):
+            stored = {k: v for k, v in model_config.items() if k in _DEFAULTS}
         obj = obj["ema"] if isinstance(obj.get("ema"), Mapping) else obj["model"]
-    return _unwrap(obj, source), source
+    return _unwrap(obj, source), source, stored
 
 
 def load_checkpoint_file(path: str, map_location: Any, weights_only: bool) -> Any:

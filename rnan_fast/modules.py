@@ -229,3 +229,34 @@ class Upsampler(nn.Sequential):
         else:
             raise ValueError(f"Upsampler: scale must be 3 or a power of two >= 2, got {scale!r}")
         super().__init__(*layers)
+
+
+class MosaicFill(nn.Module):
+    """Bilinear demosaicing of a zero-filled GRBG mosaic, as a fixed first step (no parameters,
+    nothing in the state dict). x: (B, 3, H, W), the samples at (0,0)=G, (0,1)=R, (1,0)=B,
+    (1,1)=G of every 2x2 cell (what rnan_fast.data.mosaic makes; other values are ignored) ->
+    (B, 3, H, W): every sample kept, every missing one the weighted mean of its colour's samples
+    in the 3x3 neighbourhood (bilinear: 1/2 the side neighbours, 1/4 the corners), renormalised
+    where the image border cuts the neighbourhood. Each call's (0, 0) must be a G site of the
+    pattern (inference.restore_tensor(period=2) keeps tiles on it). A colour with no sample in
+    the whole image (B on a one-row image) stays zero."""
+
+    # the bilinear weights per colour: R and B have samples on a square lattice of stride 2, G on
+    # a quincunx; at a sample the centre weight (1) is the only one that meets a sample
+    KERNELS = {"rb": ((0.25, 0.5, 0.25), (0.5, 1.0, 0.5), (0.25, 0.5, 0.25)),
+               "g": ((0.0, 0.5, 0.0), (0.5, 1.0, 0.5), (0.0, 0.5, 0.0))}
+
+    def __init__(self):
+        super().__init__()
+        rb, g = (torch.tensor(self.KERNELS[k]) for k in ("rb", "g"))
+        self.register_buffer("weight", torch.stack([rb, g, rb])[:, None], persistent=False)   # (3, 1, 3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        row = torch.arange(h, device=x.device).view(h, 1) % 2
+        col = torch.arange(w, device=x.device).view(1, w) % 2
+        mask = torch.stack([(row == 0) & (col == 1), row == col, (row == 1) & (col == 0)])[None].to(x.dtype)
+        weight = self.weight.to(x.dtype)
+        num = nn.functional.conv2d(x * mask, weight, padding=1, groups=3)
+        den = nn.functional.conv2d(mask, weight, padding=1, groups=3)
+        return num / den.clamp_min(0.25)   # (den >= 0.25 wherever a sample is in reach, else num is 0)

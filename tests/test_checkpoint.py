@@ -63,7 +63,7 @@ def test_round_trip_through_a_file(tmp_path, cfg):
     path = tmp_path / "w.pt"
     torch.save(sd, path)
     loaded = RNAN.from_checkpoint(path, softmax_over="key")
-    expected = {"rgb_range": 255, **cfg, "softmax_over": "key"}
+    expected = {"rgb_range": 255, **cfg, "softmax_over": "key", "mosaic": None}
     assert loaded.config == expected
     _assert_loaded(loaded, sd)
     loaded_str = RNAN.from_checkpoint(str(path))

@@ -75,7 +75,7 @@ def test_namespace_form_matches_manifest(official_manifest, name):
 def test_namespace_tolerates_missing_fields_and_reads_softmax_over():
     net = RNAN(argparse.Namespace(n_resgroups=2, n_feats=4, n_colors=1, scale=[1], softmax_over="key"))
     assert net.config == {"n_colors": 1, "scale": 1, "n_feats": 4, "n_resgroups": 2, "rgb_range": 255,
-                          "softmax_over": "key"}
+                          "softmax_over": "key", "mosaic": None}
     blocks = [m for m in net.modules() if isinstance(m, modules.NonLocalBlock2D)]
     assert len(blocks) == 2 and all(b.softmax_over == "key" for b in blocks)
     # Keywords override the namespace; int scale and mappings work too.
@@ -88,7 +88,7 @@ def test_defaults_are_the_official_configuration():
     with torch.device("meta"):
         net = RNAN()
     assert net.config == {"n_colors": 3, "scale": 1, "n_feats": 64, "n_resgroups": 10, "rgb_range": 255,
-                          "softmax_over": "query"}
+                          "softmax_over": "query", "mosaic": None}
     assert len(net.body) == 9  # 8 local groups and a conv
 
 

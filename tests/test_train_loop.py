@@ -126,6 +126,27 @@ def test_resume_with_more_steps_equals_a_longer_run(train_dir, tmp_path):
                          read_training_checkpoint(tmp_path / "short" / "last.pt"))
 
 
+def test_a_resumed_demosaicing_run_keeps_its_model(train_dir, tmp_path):
+    """A demosaicing run fills its mosaic (RNAN mosaic "grbg"), and a resume keeps it; a run
+    checkpointed before the model config was kept (no "model_config") resumes the model it
+    trained then, without the fill."""
+    from rnan_fast.train.checkpoint import write_checkpoint
+
+    for name, old in (("new", False), ("old", True)):
+        out = tmp_path / name
+        run(cfg(train_dir, out, task="demosaic", sigma=None, steps=1), quiet=True)
+        state = read_training_checkpoint(out / "last.pt")
+        assert state["model_config"]["mosaic"] == "grbg"
+        if old:
+            del state["model_config"]
+            write_checkpoint(out / "last.pt", state)
+        run(loop.resolve_config({"out": str(out), "steps": 2}, None, state["config"]),
+            resume=True, quiet=True, resumed_state=state)
+        resumed = read_training_checkpoint(out / "last.pt")
+        assert resumed["step"] == 2 and resumed["model_config"]["mosaic"] == (None if old else "grbg")
+        assert RNAN.from_checkpoint(out / "last.pt").mosaic == (None if old else "grbg")
+
+
 def test_batches_do_not_depend_on_workers(train_dir):
     images, _ = DS.load_images([str(train_dir)], "denoise_gray", 16)
     ds = DS.TrainPatches(images, "denoise_gray", 16, 4, seed=3, sigma=15.0)
@@ -316,6 +337,8 @@ def test_each_task_trains_and_its_checkpoint_fits_eval(train_dir, tmp_path, task
     assert np.isfinite(result["loss"])
     net = RNAN.from_checkpoint(out / "last.pt")
     assert net.config["n_colors"] == D.TASK_COLORS[task] and net.config["scale"] == opts.get("scale", 1)
+    # a demosaicing run trains (and its checkpoint rebuilds) the model that fills the mosaic first
+    assert net.config["mosaic"] == ("grbg" if task == "demosaic" else None)
     argv = ["eval", "--weights", out / "last.pt", "--task", task, "--data", train_dir, "--limit", 1,
             "--quiet", "--no-ssim", "--whole"]
     argv += {"denoise_gray": ["--sigma", 50], "denoise_rgb": ["--sigma", 25], "car": ["--quality", 10],

@@ -321,11 +321,19 @@ class _RunFiles:
                 f.write(json.dumps(record) + "\n")
 
 
-def _model(cfg: TrainConfig):
+def _model(cfg: TrainConfig, resumed: dict | None = None):
+    """The run's RNAN (initial weights seeded). resumed: the model config of the checkpoint a
+    run resumes from (its `mosaic` is kept), None for a new run."""
     from rnan_fast.model import RNAN
 
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
-    return RNAN(n_colors=cfg.n_colors, scale=cfg.model_scale, n_feats=cfg.n_feats, n_resgroups=cfg.n_resgroups)
+    # a demosaicing model fills the mosaic bilinearly before its body (RNAN's `mosaic`): its
+    # residual then starts from bilinear demosaicing, not from the two thirds of zeros
+    mosaic = "grbg" if cfg.task == "demosaic" else None
+    if resumed is not None:
+        mosaic = resumed.get("mosaic")
+    return RNAN(n_colors=cfg.n_colors, scale=cfg.model_scale, n_feats=cfg.n_feats, n_resgroups=cfg.n_resgroups,
+                mosaic=mosaic)
 
 
 def _load_init(net, path: str, note) -> None:
@@ -508,7 +516,9 @@ class _Training:
         if cfg.precision == "bf16" and self.device.type == "cpu" and not _cpu_has_fast_bf16():
             self.note("note: --precision bf16 on a CPU without AVX-512 bf16 support runs oneDNN's slow bf16 "
                       "path (8x slower than fp32 on an AMD EPYC, BENCHMARKS.md); fp32 is faster here")
-        self.net = net = _model(cfg)
+        # a resumed run rebuilds the model it checkpointed (its mosaic setting too); checkpoints
+        # from before "model_config" was kept hold a model without one, as _model built then
+        self.net = net = _model(cfg, None if state is None else state.get("model_config", {"mosaic": None}))
         if state is not None:
             net.load_state_dict(state["model"])
         elif cfg.init:
@@ -563,7 +573,7 @@ class _Training:
                          "steps": cfg.steps},
             "rng": C.rng_state(),
             "data": {**self.dataset.position(step * cfg.batch_size), "fingerprint": self.fingerprint},
-            "best": self.best, "config": cfg.to_dict(),
+            "best": self.best, "config": cfg.to_dict(), "model_config": dict(self.net.config),
         }
 
     def save(self, step: int, path: Path) -> None:

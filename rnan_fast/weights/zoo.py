@@ -17,8 +17,8 @@ The folder is this package's own (installed as package data), or $RNAN_FAST_WEIG
 Card (JSON object), the fields this module reads: "sha256" and "size" (bytes) of the weights file;
 "task" (an eval task: "denoise_rgb", "denoise_gray", ...); "noise" ({"type": "gaussian",
 "sigma": S} for a fixed-sigma model, or {"type": "gaussian", "sigma_range": [lo, hi]} for a
-blind one); "architecture" (n_colors, scale, n_feats, n_resgroups, softmax_over: what the weights
-must build); "test_gain_db" (the least PSNR gain over the noisy input that the tests accept on a
+blind one); "architecture" (n_colors, scale, n_feats, n_resgroups, softmax_over, and mosaic when
+set: what the weights must build); "test_gain_db" (the least PSNR gain over the noisy input that the tests accept on a
 noisy crop at `check_sigma(card)`). Fields that document the model: "training" (data, steps,
 hardware, wall time, the exact `rnan-fast train` command), "measured" (rows of set, sigma,
 PSNR/SSIM beside BM3D on the same noisy images and the paper's figure), "stored_dtype".
@@ -47,6 +47,9 @@ REQUIRED = ("sha256", "size", "task", "noise", "architecture", "test_gain_db")
 # that every card reads (and diffs) the same way: what the model is for, then how it was made.
 CARD_HEAD = ("task", "noise", "training", "test_gain_db", "measured")
 ARCHITECTURE = ("n_colors", "scale", "n_feats", "n_resgroups", "softmax_over")
+# Architecture entries a card holds only when set (absent: None, the official model): a
+# demosaicing model's bilinear fill of its mosaic input (RNAN's `mosaic`).
+OPTIONAL_ARCHITECTURE = ("mosaic",)
 # A model's weights file, by preference: safetensors (what export writes and what ships), then a
 # torch.save file (a folder of one's own made before).
 WEIGHTS_SUFFIXES = (".safetensors", ".pt")
@@ -155,7 +158,8 @@ def load_with_card(name: str | None = None, device: torch.device | str = "cpu"):
     from rnan_fast.model import RNAN
 
     net = RNAN.from_checkpoint(path, map_location="cpu", softmax_over=arch["softmax_over"])
-    differ = [f"{k}: card {arch[k]!r}, weights {net.config[k]!r}" for k in ARCHITECTURE if arch[k] != net.config[k]]
+    differ = [f"{k}: card {arch.get(k)!r}, weights {net.config[k]!r}" for k in ARCHITECTURE + OPTIONAL_ARCHITECTURE
+              if arch.get(k) != net.config[k]]
     if differ:
         raise WeightsError(f"{path}: the weights do not build the card's architecture ({'; '.join(differ)})")
     return net.to(device).eval(), c
@@ -219,7 +223,8 @@ def export(checkpoint: Any, name: str, target: str | os.PathLike | None = None,
     path = write_weights(net, root / f"{name}{WEIGHTS_SUFFIXES[0]}", dtype, file_mode)
     fields.pop("name", None)
     c = {**{k: fields.pop(k) for k in CARD_HEAD if k in fields}, **fields,
-         "architecture": {k: net.config[k] for k in ARCHITECTURE},
+         "architecture": {**{k: net.config[k] for k in ARCHITECTURE},
+                          **{k: net.config[k] for k in OPTIONAL_ARCHITECTURE if net.config[k] is not None}},
          "stored_dtype": str(dtype).replace("torch.", ""), "size": path.stat().st_size, "sha256": sha256_of(path)}
     with atomic_write(js, mode=file_mode) as f:
         f.write((json.dumps(c, indent=2) + "\n").encode("utf-8"))
