@@ -196,7 +196,8 @@ class RNAN(nn.Module):
         self.tail = nn.Sequential(*tail)
 
     def describe(self) -> str:
-        """The settings that decide parameter shapes, e.g. "RNAN(n_colors=3, scale=2, n_feats=64, n_resgroups=10)"."""
+        """The settings that decide parameter shapes, e.g. "RNAN(n_colors=3, scale=2, n_feats=64, n_resgroups=10)"
+        (and the mosaic fill when set)."""
         return _describe(self.config)
 
     def extra_repr(self) -> str:
@@ -316,7 +317,9 @@ for _key in _DEFAULTS:
 
 
 def _describe(config: Mapping) -> str:
-    return "RNAN(" + ", ".join(f"{k}={config[k]}" for k in SHAPE_KEYS) + ")"
+    """"RNAN(n_colors=3, scale=1, n_feats=64, n_resgroups=10)", with ", mosaic='grbg'" when set."""
+    mosaic = f", mosaic={config['mosaic']!r}" if config.get("mosaic") is not None else ""
+    return "RNAN(" + ", ".join(f"{k}={config[k]}" for k in SHAPE_KEYS) + mosaic + ")"
 
 
 def make_model(args: Any, parent: bool = False) -> RNAN:

@@ -66,6 +66,7 @@ def test_rnan_with_mosaic_is_the_official_network_after_the_fill():
     with torch.no_grad():
         torch.testing.assert_close(filled(x), plain(MosaicFill().double()(x)), rtol=1e-12, atol=1e-10)
     assert filled.config["mosaic"] == "grbg" and filled.mosaic == "grbg" and plain.mosaic is None
+    assert filled.describe().endswith("mosaic='grbg')") and "mosaic" not in plain.describe()
 
 
 @pytest.mark.parametrize("kwargs", [dict(mosaic="rggb"), dict(mosaic="grbg", n_colors=1),
