@@ -41,7 +41,7 @@ from rnan_fast.imresize import imresize, to_uint8
 __all__ = [
     "IMAGE_EXTENSIONS", "ImageReadError", "read_image", "atomic_write", "new_file_mode", "write_png_atomic", "list_images",
     "to_gray", "to_rgb", "rgb_to_y", "rgb_to_ycbcr", "ycbcr_to_rgb", "add_gaussian_noise", "noise_seed", "jpeg", "mosaic",
-    "photo_noise", "bilinear_demosaic",
+    "photo_noise",
     "modcrop", "bicubic_downscale", "bicubic_upscale", "to_uint8", "TASKS", "TASK_COLORS",
     "ground_truth", "degrade",
 ]
@@ -173,12 +173,23 @@ def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
 # (CVPR 2019), whose ranges are taken for the noise (log shot uniform in [1e-4, 1.2e-2], log read
 # = 2.18 log shot + 1.2 + N(0, 0.26)) and the white-balance gains; the mixture with JPEG and
 # plain Gaussian noise follows Zhang et al.'s practical degradation model (ICCV 2021); the noise
-# correlated by demosaicing follows Guo et al.'s CBDNet (CVPR 2019). Measured against PolyU's
-# real pairs (noisy shot vs mean, 2.3-5.0 RMS on 0..255): the median draw gives ~4 at mid-gray.
+# correlated by in-camera processing follows Guo et al.'s CBDNet (CVPR 2019) in spirit; its
+# grain is fitted to PolyU_dev's residuals (noisy shot minus mean) in YCbCr, band by band of
+# spatial frequency (benchmarks/noise_spectrum.py, MODEL_ZOO.md "rnan_dn_photo"): there the luma
+# noise is softened fine grain plus a coarse part, and the chroma noise is blotchy, all of its
+# power below 1/8 cycles per pixel (in-camera chroma denoising and 4:2:0 subsampling), where
+# noise white in camera space is white in luma and in chroma.
 PHOTO_AWGN_SHARE = 0.2          # samples with plain Gaussian noise (sigma 5..30) instead
-PHOTO_MOSAIC_SHARE = 0.5        # samples whose noise is correlated as demosaicing correlates it
 PHOTO_JPEG_SHARE = 0.5          # samples stored as a camera JPEG (quality 70..95)
+PHOTO_FINE_BLUR = (0.5, 0.9)    # Gaussian sigma (pixels) of the luma noise's fine grain
+PHOTO_COARSE_BLUR = (1.5, 3.0)  # ... of its coarse part
+PHOTO_LUMA_COARSE = (0.05, 0.2) # the coarse part's share of the luma noise power
+PHOTO_CHROMA_BLUR = (2.5, 4.0)  # Gaussian sigma (pixels) of the chroma noise's grain
+PHOTO_CHROMA_GAIN = (0.3, 0.6)  # chroma noise RMS after in-camera chroma denoising, of before
+PHOTO_SHOT = (1e-4, 3e-3)       # shot noise variance per unit signal (log-uniform)
 _GAMMA = 2.2
+# BT.601 RGB -> YCbCr for differences (no offsets), the space in which cameras process noise
+_YCBCR = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
 
 
 def _numpy_rng(seed) -> np.random.Generator:
@@ -201,18 +212,34 @@ def _random_ccm(rng: np.random.Generator) -> np.ndarray:
     return m
 
 
-def bilinear_demosaic(mosaiced: np.ndarray) -> np.ndarray:
-    """Bilinear demosaicing of a 3-channel zero-filled GRBG mosaic (data.mosaic) of any float
-    values: G from its 4 neighbours, R and B from their 2 or 4; (H, W, 3) float64 out."""
-    k_g = np.array([[0, 1, 0], [1, 4, 1], [0, 1, 0]]) / 4.0
-    k_rb = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]]) / 4.0
-    a = np.asarray(mosaiced, dtype=np.float64)
-    h, w = a.shape[:2]
-    out = np.empty_like(a)
-    for c, k in ((0, k_rb), (1, k_g), (2, k_rb)):
-        p = np.pad(a[..., c], 1, mode="reflect")
-        out[..., c] = sum(k[i, j] * p[i:i + h, j:j + w] for i in range(3) for j in range(3) if k[i, j])
-    return out
+def _grain(noise: np.ndarray, sigma: float) -> np.ndarray:
+    """A 2-D noise field blurred by a Gaussian of `sigma` pixels, its variations rescaled to
+    their former RMS (so the level stays the shot/read model's; only the grain grows). The mean
+    (the gamma curve's bias of noisy values) is kept as it was, not amplified."""
+    import cv2
+
+    mean = noise.mean()
+    zero = noise - mean
+    blurred = cv2.GaussianBlur(zero, (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REFLECT_101)
+    rms_in, rms_out = np.sqrt((zero ** 2).mean()), np.sqrt((blurred ** 2).mean())
+    return mean + (blurred * (rms_in / rms_out) if rms_out > 0 else blurred)
+
+
+def _camera_grain(residual: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The sRGB noise `residual` (H, W, 3) as a camera's processing leaves it: in YCbCr, luma
+    = sqrt(1 - m) * fine + sqrt(m) * coarse (m drawn from PHOTO_LUMA_COARSE, grains from
+    PHOTO_FINE_BLUR / PHOTO_COARSE_BLUR), each chroma channel blotchy (PHOTO_CHROMA_BLUR) and
+    weaker (PHOTO_CHROMA_GAIN); back to RGB."""
+    ycc = residual @ _YCBCR.T
+    m = rng.uniform(*PHOTO_LUMA_COARSE)
+    fine, coarse = rng.uniform(*PHOTO_FINE_BLUR), rng.uniform(*PHOTO_COARSE_BLUR)
+    y = ycc[..., 0]
+    out = np.empty_like(ycc)
+    out[..., 0] = np.sqrt(1.0 - m) * _grain(y, fine) + np.sqrt(m) * _grain(y, coarse)
+    gain, blotch = rng.uniform(*PHOTO_CHROMA_GAIN), rng.uniform(*PHOTO_CHROMA_BLUR)
+    for c in (1, 2):
+        out[..., c] = gain * _grain(np.ascontiguousarray(ycc[..., c]), blotch)
+    return out @ np.linalg.inv(_YCBCR).T
 
 
 def photo_noise(img: np.ndarray, seed) -> np.ndarray:
@@ -222,9 +249,9 @@ def photo_noise(img: np.ndarray, seed) -> np.ndarray:
     With probability PHOTO_AWGN_SHARE: Gaussian noise of a sigma drawn from 5..30. Otherwise:
     sRGB -> linear (gamma 2.2) -> camera RGB (the inverse of a random colour matrix, the inverse
     of white-balance gains R 1.9..2.4, B 1.5..1.9) -> shot + read noise (variance
-    shot * signal + read) -> with probability PHOTO_MOSAIC_SHARE the noise taken through a GRBG
-    mosaic and bilinear demosaicing (spatially correlated, the signal untouched) -> gains, matrix,
-    gamma back -> with probability PHOTO_JPEG_SHARE a JPEG at quality 70..95. Rounded and clipped."""
+    shot * signal + read) -> gains, matrix, gamma back -> the noise (noisy minus clean) given a
+    camera's grain (_camera_grain: softened luma, blotchy chroma) -> with probability
+    PHOTO_JPEG_SHARE a JPEG at quality 70..95. Rounded and clipped."""
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"photo_noise expects an RGB (H, W, 3) image, got shape {img.shape}")
     rng = _numpy_rng(seed)
@@ -236,13 +263,11 @@ def photo_noise(img: np.ndarray, seed) -> np.ndarray:
     # not clipped: saturated colours leave [0, 1] in camera space, and the way back must return
     # the clean image exactly where the noise is zero
     cam = ((clean / 255.0) ** _GAMMA) @ np.linalg.inv(ccm).T / gains
-    log_shot = rng.uniform(np.log(1e-4), np.log(1.2e-2))
+    log_shot = rng.uniform(*np.log(PHOTO_SHOT))
     read = np.exp(2.18 * log_shot + 1.2 + rng.normal(0.0, 0.26))
     noise = np.sqrt(np.exp(log_shot) * np.clip(cam, 0.0, None) + read) * rng.standard_normal(cam.shape)
-    if rng.random() < PHOTO_MOSAIC_SHARE:
-        noise = bilinear_demosaic(mosaic(noise))
-    out = np.clip(((cam + noise) * gains) @ ccm.T, 0.0, 1.0) ** (1.0 / _GAMMA) * 255.0
-    out = to_uint8(out)
+    noisy = np.clip(((cam + noise) * gains) @ ccm.T, 0.0, 1.0) ** (1.0 / _GAMMA) * 255.0
+    out = to_uint8(clean + _camera_grain(noisy - clean, rng))
     if rng.random() < PHOTO_JPEG_SHARE:
         out = jpeg(out, int(rng.integers(70, 96)))
     return out.astype(np.float64)

@@ -189,7 +189,10 @@ def test_estimate_sigma_at_a_coarser_level():
     white = 100.0 + rng.normal(0, 9, (256, 260, 3))
     for level in (0, 1, 2):
         assert abs(estimate_sigma(white, level) - 9) < 0.6, level
-    correlated = 100.0 + D.bilinear_demosaic(D.mosaic(rng.normal(0, 9, (256, 260, 3))))
+    from rnan_fast.modules import MosaicFill
+
+    noise = torch.from_numpy(D.mosaic(rng.normal(0, 9, (256, 260, 3)))).permute(2, 0, 1)[None]
+    correlated = 100.0 + MosaicFill().double()(noise)[0].permute(1, 2, 0).numpy()   # bilinear demosaicing
     fine, coarse = estimate_sigma(correlated), estimate_sigma(correlated, PAIRS_SIGMA_LEVEL)
     assert coarse > 1.5 * fine, (fine, coarse)
     with pytest.raises(ValueError, match="8x8"):

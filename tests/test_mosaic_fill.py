@@ -56,6 +56,17 @@ def test_fill_is_bilinear_demosaicing(size):
     torch.testing.assert_close(MosaicFill().double()(noisy), got, rtol=0, atol=0)
 
 
+def test_fill_is_exact_on_linear_images():
+    """Bilinear interpolation reproduces a linear image away from the border, and a constant
+    one everywhere (the border renormalised), from its GRBG mosaic."""
+    yy, xx = np.mgrid[0:12, 0:14].astype(np.float64)
+    img = np.stack([3 * xx + 2, 2 * yy + 5, xx + yy], axis=2)
+    for ramp, inner in ((img, (slice(1, -1), slice(1, -1))), (np.full((6, 8, 3), 7.0), (slice(None), slice(None)))):
+        x = torch.from_numpy(D.mosaic(ramp)).permute(2, 0, 1)[None]
+        out = MosaicFill().double()(x)[0].permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(out[inner], ramp[inner], atol=1e-12)
+
+
 def test_rnan_with_mosaic_is_the_official_network_after_the_fill():
     torch.manual_seed(0)
     plain = RNAN(n_colors=3, n_feats=8, n_resgroups=2).double().eval()
