@@ -324,6 +324,8 @@ def test_models_lists_cards(use_zoo, capsys):
                           {"set": "PolyU_dev", "pairs": True, "psnr": 38.2, "bm3d_psnr": 37.9, "nlm_psnr": 37.71},
                           {"set": "Kodak24", "sigma": 15, "psnr": 33.0}]}
     assert _measured(photo) == "PolyU_dev real 38.20 (BM3D 37.90) (NLM 37.71), CBSD68 s30 29.90"
+    sr = {"measured": [{"set": "Set5", "psnr": 36.5, "bicubic_psnr": 33.66}, {"set": "Set14", "psnr": 32.4}]}
+    assert _measured(sr) == "Set5 36.50 (bicubic 33.66), Set14 32.40"
 
 
 def test_eval_with_a_shipped_model(use_zoo, data_dir, tmp_path, capsys):

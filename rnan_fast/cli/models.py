@@ -91,10 +91,15 @@ def model_task(name: str) -> str:
         raise UserError(str(e)) from None
 
 
+# A card row's score of the model's own input, where it has one: a JPEG model's JPEG, an SR
+# model's bicubic upscaling.
+INPUT_COLUMNS = (("jpeg_psnr", "JPEG"), ("bicubic_psnr", "bicubic"))
+
+
 def _measured(card: dict) -> str:
     """The card's real-noise and sigma-30 rows (else its first two plain rows), e.g. "CBSD68 s30
     30.12 (BM3D 29.85)", "PolyU_dev real 38.20 (BM3D 37.90) (NLM 37.71)", "McMaster 38.10 (Menon
-    34.24)" or "LIVE1 29.20 (JPEG 27.77)"; a row measured with --self-ensemble says so ("Kodak24
+    34.24)", "LIVE1 29.20 (JPEG 27.77)" or "Set5 36.50 (bicubic 33.66)"; a row measured with --self-ensemble says so ("Kodak24
     s30 x8 31.04")."""
     from rnan_fast.baselines import BASELINES
 
@@ -108,8 +113,7 @@ def _measured(card: dict) -> str:
     for r in chosen:
         beside = "".join(f" ({b.column} {r[name + '_psnr']:.2f})" for name, b in BASELINES.items()
                          if r.get(name + "_psnr") is not None)
-        if r.get("jpeg_psnr") is not None:   # a JPEG model's row: the JPEG it started from
-            beside += f" (JPEG {r['jpeg_psnr']:.2f})"
+        beside += "".join(f" ({label} {r[key]:.2f})" for key, label in INPUT_COLUMNS if r.get(key) is not None)
         sigma = f" s{r['sigma']:g}" if r.get("sigma") is not None else (" real" if r.get("pairs") else "")
         x8 = " x8" if r.get("self_ensemble") else ""
         parts.append(f"{r['set']}{sigma}{x8} {r['psnr']:.2f}{beside}")
