@@ -427,8 +427,9 @@ def restore_tensor(model, x: Tensor, tile: int | None = None, overlap: int = 32,
     if pixel_shuffle < 1:
         raise ValueError(f"pixel_shuffle must be >= 1 (1: off), got {pixel_shuffle}")
     if pixel_shuffle > 1 and (s != 1 or period > 1):
+        what = f"scale {s}" if s != 1 else f"a {period}x{period} pattern (a Bayer mosaic)"
         raise ValueError(f"pixel-shuffle downsampling takes models that keep the size, on images without a "
-                         f"pattern; this one has {f'scale {s}' if s != 1 else f'a {period}x{period} pattern (a Bayer mosaic)'}")
+                         f"pattern; this one has {what}")
     h, w = x.shape[-2:]
     if h % period or w % period:
         x = torch.nn.functional.pad(x, (0, (-w) % period, 0, (-h) % period))

@@ -99,8 +99,8 @@ INPUT_COLUMNS = (("jpeg_psnr", "JPEG"), ("bicubic_psnr", "bicubic"))
 def _measured(card: dict) -> str:
     """The card's real-noise and sigma-30 rows (else its first two plain rows), e.g. "CBSD68 s30
     30.12 (BM3D 29.85)", "PolyU_dev real 38.20 (BM3D 37.90) (NLM 37.71)", "McMaster 38.10 (Menon
-    34.24)", "LIVE1 29.20 (JPEG 27.77)" or "Set5 36.50 (bicubic 33.66)"; a row measured with --self-ensemble says so ("Kodak24
-    s30 x8 31.04")."""
+    34.24)", "LIVE1 29.20 (JPEG 27.77)" or "Set5 36.50 (bicubic 33.66)"; a row measured with
+    --self-ensemble says so ("Kodak24 s30 x8 31.04")."""
     from rnan_fast.baselines import BASELINES
 
     rows = card.get("measured") or []
