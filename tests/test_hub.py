@@ -33,7 +33,7 @@ def test_config_keywords_build_an_untrained_model():
     net = _load(n_colors=1, n_feats=8, n_resgroups=3, softmax_over="key")
     assert isinstance(net, RNAN)
     assert net.config == {"n_colors": 1, "scale": 1, "n_feats": 8, "n_resgroups": 3, "rgb_range": 255,
-                          "softmax_over": "key"}
+                          "softmax_over": "key", "mosaic": None}
 
 
 def test_pretrained_is_the_shipped_model(monkeypatch):
