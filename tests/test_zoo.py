@@ -243,6 +243,7 @@ def test_note_sigma(capsys):
     photo = {"name": "p", "task": "denoise_photo", "noise": {"type": "camera", "sigma_range": [5, 30]}}
     assert describe_noise(photo) == "camera + gaussian 5-30"
     assert describe_noise({"noise": {"type": "camera"}}) == "camera"
+    assert describe_noise({"noise": {"type": "MATLAB bicubic", "scale": 2}}) == "MATLAB bicubic x2"
     note_sigma(photo, 20, quiet=True)
     assert capsys.readouterr().err == ""
     note_sigma(photo, 50, quiet=True)

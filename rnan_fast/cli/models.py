@@ -20,9 +20,9 @@ def add_model_args(p: argparse.ArgumentParser, default_model: bool) -> None:
 
 
 def describe_noise(card: dict) -> str:
-    """The degradation a card's model is for: "gaussian sigma 10-50", "JPEG quality 10", "camera
-    + gaussian 5-30" (the photo denoiser: camera-like noise and a share of Gaussian draws), or the
-    type alone for the tasks without a level (e.g. "GRBG mosaic")."""
+    """The degradation a card's model is for: "gaussian sigma 10-50", "JPEG quality 10", "MATLAB
+    bicubic x2", "camera + gaussian 5-30" (the photo denoiser: camera-like noise and a share of
+    Gaussian draws), or the type alone for the tasks without a level (e.g. "GRBG mosaic")."""
     noise = card["noise"]
     kind = noise.get("type", "gaussian")
     if kind == "camera":
@@ -35,6 +35,8 @@ def describe_noise(card: dict) -> str:
         return f"{kind} sigma {lo:g}-{hi:g}"
     if "quality" in noise:
         return f"{kind} quality {noise['quality']}"
+    if "scale" in noise:
+        return f"{kind} x{noise['scale']}"
     return kind
 
 
