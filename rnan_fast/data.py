@@ -170,15 +170,16 @@ def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
 # --------------------------------------------------------------------------- camera noise
 # The idea of going back from sRGB to a camera's linear space, adding shot and read noise there
 # and coming forward again is Brooks et al., "Unprocessing Images for Learned Raw Denoising"
-# (CVPR 2019), whose ranges are taken for the noise (log shot uniform in [1e-4, 1.2e-2], log read
-# = 2.18 log shot + 1.2 + N(0, 0.26)) and the white-balance gains; the mixture with JPEG and
+# (CVPR 2019), whose ranges are taken for the noise (log shot uniform in [1e-4, 1.2e-2], its top
+# cut to 3e-3 here to meet PolyU's levels; log read = 2.18 log shot + 1.2 + N(0, 0.26)) and the
+# white-balance gains; the mixture with JPEG and
 # plain Gaussian noise follows Zhang et al.'s practical degradation model (ICCV 2021); the noise
 # correlated by in-camera processing follows Guo et al.'s CBDNet (CVPR 2019) in spirit; its
 # grain is fitted to PolyU_dev's residuals (noisy shot minus mean) in YCbCr, band by band of
 # spatial frequency (benchmarks/noise_spectrum.py, MODEL_ZOO.md "rnan_dn_photo"): there the luma
 # noise is softened fine grain plus a coarse part, and the chroma noise is blotchy, all of its
-# power below 1/8 cycles per pixel (in-camera chroma denoising and 4:2:0 subsampling), where
-# noise white in camera space is white in luma and in chroma.
+# power below 1/8 cycles per pixel (in-camera chroma denoising and 4:2:0 subsampling), whereas
+# noise that is white in camera space stays white in luma and in chroma.
 PHOTO_AWGN_SHARE = 0.2          # samples with plain Gaussian noise (sigma 5..30) instead
 PHOTO_JPEG_SHARE = 0.5          # samples stored as a camera JPEG (quality 70..95)
 PHOTO_FINE_BLUR = (0.5, 0.9)    # Gaussian sigma (pixels) of the luma noise's fine grain
