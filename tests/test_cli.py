@@ -523,6 +523,7 @@ def test_eval_resume_refuses_other_settings_and_mends_a_cut_line(ckpts, crops, t
     kept = journal.read_text()
     for other, says in ((["--weights", ckpts["rgb"], "--sigma", 30], "sigma 25.0, not 30.0"),
                         (["--weights", ckpts["rgb"], "--sigma", 25, "--self-ensemble"], "self_ensemble False, not True"),
+                        (["--weights", ckpts["rgb"], "--sigma", 25, "--pixel-shuffle", 2], "pixel_shuffle None, not 2"),
                         (["--weights", ckpts["pickled"], "--trust-checkpoint", "--sigma", 25], "model 'sha256:"),
                         (["--weights", ckpts["rgb"], "--sigma", 25, "--seed", 1], "seed 0, not 1")):
         code, out, err = _run(base + other + ["--csv", target, "--resume"], capsys)
