@@ -29,13 +29,9 @@ def band_power(residual: np.ndarray) -> np.ndarray:
     return np.array([power[(f >= lo) & (f < hi)].mean() for lo, hi in zip(BANDS[:-1], BANDS[1:])])
 
 
-# BT.601 RGB -> YCbCr for differences (no offsets): cameras denoise and subsample chroma apart
-YCBCR = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
-
-
 def spectra(residual: np.ndarray) -> np.ndarray:
     """(4, bands): band_power of the RGB residual, then of its Y, Cb and Cr."""
-    ycc = residual @ YCBCR.T
+    ycc = residual @ D.YCBCR_601.T   # cameras denoise and subsample chroma apart
     return np.stack([band_power(residual)] + [band_power(ycc[..., c:c + 1]) for c in range(3)])
 
 

@@ -190,7 +190,7 @@ PHOTO_CHROMA_GAIN = (0.3, 0.6)  # chroma noise RMS after in-camera chroma denois
 PHOTO_SHOT = (1e-4, 3e-3)       # shot noise variance per unit signal (log-uniform)
 _GAMMA = 2.2
 # BT.601 RGB -> YCbCr for differences (no offsets), the space in which cameras process noise
-_YCBCR = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+YCBCR_601 = YCBCR / np.array([[219.0], [224.0], [224.0]])   # MATLAB's rows without its studio-range gains
 
 
 def _numpy_rng(seed) -> np.random.Generator:
@@ -231,7 +231,7 @@ def _camera_grain(residual: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     = sqrt(1 - m) * fine + sqrt(m) * coarse (m drawn from PHOTO_LUMA_COARSE, grains from
     PHOTO_FINE_BLUR / PHOTO_COARSE_BLUR), each chroma channel blotchy (PHOTO_CHROMA_BLUR) and
     weaker (PHOTO_CHROMA_GAIN); back to RGB."""
-    ycc = residual @ _YCBCR.T
+    ycc = residual @ YCBCR_601.T
     m = rng.uniform(*PHOTO_LUMA_COARSE)
     fine, coarse = rng.uniform(*PHOTO_FINE_BLUR), rng.uniform(*PHOTO_COARSE_BLUR)
     y = ycc[..., 0]
@@ -240,7 +240,7 @@ def _camera_grain(residual: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     gain, blotch = rng.uniform(*PHOTO_CHROMA_GAIN), rng.uniform(*PHOTO_CHROMA_BLUR)
     for c in (1, 2):
         out[..., c] = gain * _grain(np.ascontiguousarray(ycc[..., c]), blotch)
-    return out @ np.linalg.inv(_YCBCR).T
+    return out @ np.linalg.inv(YCBCR_601).T
 
 
 def photo_noise(img: np.ndarray, seed) -> np.ndarray:

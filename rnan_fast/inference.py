@@ -57,7 +57,7 @@ __all__ = ["model_scale", "model_colors", "forward_tiled", "forward_chop", "forw
            "restore_tensor", "restore_array", "restore_image", "DTYPES", "nonlocal_blocks", "cpu_tiling",
            "auto_tile", "auto_precision", "model_calls", "tile_count", "chop_calls", "CPU_TILE", "CPU_OVERLAP",
            "CPU_TILE_BATCH", "place_model", "tile_batch_for",
-           "OOM_MIN_TILE", "shuffle_down", "shuffle_up"]
+           "OOM_MIN_TILE", "shuffle_down", "shuffle_up", "check_pixel_shuffle"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -240,6 +240,17 @@ def forward_x8(forward: Forward, x: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- pixel-shuffle downsampling
 
+def check_pixel_shuffle(k: int, scale: int = 1, period: int = 1) -> None:
+    """ValueError unless pixel-shuffle downsampling by k applies: k >= 1 (1: off); k > 1 only for
+    a model that keeps the size (scale 1) on images without a pattern (period 1)."""
+    if int(k) < 1:
+        raise ValueError(f"pixel_shuffle must be >= 1 (1: off), got {k}")
+    if int(k) > 1 and (scale != 1 or period > 1):
+        what = f"scale {scale}" if scale != 1 else f"a {period}x{period} pattern (a Bayer mosaic)"
+        raise ValueError(f"pixel-shuffle downsampling takes models that keep the size (denoising, JPEG), on "
+                         f"images without a pattern; this one has {what}")
+
+
 def shuffle_down(x: Tensor, k: int) -> Tensor:
     """The k*k stride-k sub-images of x as a batch. x: (B, C, H, W) -> (B*k*k, C, ceil(H/k),
     ceil(W/k)), image b's sub-image (i, j) (the pixels x[b, :, i::k, j::k]) at index
@@ -293,11 +304,13 @@ def cpu_tiling(card: dict | None = None) -> tuple[int, int]:
 
 
 def auto_tile(model, h: int, w: int, device: torch.device | str,
-              tiling: tuple[int, int] = (CPU_TILE, CPU_OVERLAP)) -> tuple[int, int] | None:
+              tiling: tuple[int, int] = (CPU_TILE, CPU_OVERLAP), pixel_shuffle: int = 1) -> tuple[int, int] | None:
     """(tile, overlap) for an h x w image on `device`: the CPU tiles (`tiling`, overlap at most
     half a tile) when the image is larger than one tile and the model has non-local blocks;
-    None (whole image) otherwise, and always on other devices (the GPU kernels take whole images)."""
+    None (whole image) otherwise, and always on other devices (the GPU kernels take whole images).
+    pixel_shuffle k: the model sees the ceil(h / k) x ceil(w / k) sub-images (restore_tensor)."""
     tile, overlap = tiling
+    h, w = -(-h // pixel_shuffle), -(-w // pixel_shuffle)
     if torch.device(device).type != "cpu" or nonlocal_blocks(model) == 0 or max(h, w) <= tile:
         return None
     return tile, min(overlap, tile // 2)
@@ -423,13 +436,8 @@ def restore_tensor(model, x: Tensor, tile: int | None = None, overlap: int = 32,
         if tile is not None and (tile % period or overlap % period):
             raise ValueError(f"tile ({tile}) and overlap ({overlap}) must be multiples of {period}, so that every "
                              f"tile starts on the image's {period}x{period} pattern (a Bayer mosaic)")
+    check_pixel_shuffle(pixel_shuffle, s, period)
     pixel_shuffle = int(pixel_shuffle)
-    if pixel_shuffle < 1:
-        raise ValueError(f"pixel_shuffle must be >= 1 (1: off), got {pixel_shuffle}")
-    if pixel_shuffle > 1 and (s != 1 or period > 1):
-        what = f"scale {s}" if s != 1 else f"a {period}x{period} pattern (a Bayer mosaic)"
-        raise ValueError(f"pixel-shuffle downsampling takes models that keep the size, on images without a "
-                         f"pattern; this one has {what}")
     h, w = x.shape[-2:]
     if h % period or w % period:
         x = torch.nn.functional.pad(x, (0, (-w) % period, 0, (-h) % period))

@@ -139,8 +139,8 @@ def restore_file(path_in: str | os.PathLike, path_out: str | os.PathLike, model=
     the model does not take (a full colour image for a demosaicing model)."""
     import torch
 
-    from rnan_fast.inference import (DTYPES, auto_precision, auto_tile, cpu_tiling, model_colors, model_scale,
-                                     restore_array, tile_batch_for)
+    from rnan_fast.inference import (DTYPES, auto_precision, auto_tile, check_pixel_shuffle, cpu_tiling,
+                                     model_colors, model_scale, restore_array, tile_batch_for)
 
     device = torch.device(device)
     dtype = DTYPES[auto_precision(device) if precision == "auto" else precision]
@@ -149,17 +149,16 @@ def restore_file(path_in: str | os.PathLike, path_out: str | os.PathLike, model=
     own_tile, own_overlap = cpu_tiling(card)
     overlap = own_overlap if overlap is None else overlap
     check_strength(strength, model_scale(net), task)
-    if int(pixel_shuffle) < 1:
-        raise ValueError(f"pixel_shuffle must be >= 1 (1: off), got {pixel_shuffle}")
+    period = 2 if task == "demosaic" else 1
+    check_pixel_shuffle(pixel_shuffle, model_scale(net), period)
     photo = read_photo(path_in, max_pixels=max_pixels)
     pixels, note = model_input(photo, model_colors(net), task)
     notes = list(photo.notes) + ([note] if note else [])
-    if tile == "auto":   # the model sees sub-images of ceil(h / k) x ceil(w / k) with pixel_shuffle k
-        sub = [-(-n // int(pixel_shuffle)) for n in pixels.shape[:2]]
-        tiling = None if chop else auto_tile(net, *sub, device, (own_tile, overlap))
+    if tile == "auto":
+        tiling = None if chop else auto_tile(net, *pixels.shape[:2], device, (own_tile, overlap), int(pixel_shuffle))
         tile, overlap = tiling or (None, overlap)
     restored = restore_array(net, pixels, device=device, dtype=dtype, tile=tile, overlap=overlap, chop=chop,
-                             self_ensemble=self_ensemble, period=2 if task == "demosaic" else 1,
+                             self_ensemble=self_ensemble, period=period,
                              tile_batch=tile_batch_for(device), pixel_shuffle=pixel_shuffle)
     out = restored_photo(photo, blend(pixels, restored, strength), model_scale(net), task)
     return notes + write_photo(path_out, out, quality=quality)

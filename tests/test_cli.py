@@ -167,7 +167,8 @@ def test_restore_pixel_shuffle_option(ckpts, crops, tmp_path, capsys):
     want = restore_image(net, D.read_image(img), pixel_shuffle=2)
     assert np.array_equal(D.read_image(tmp_path / "p" / "mcm1.png"), want)
     assert not np.array_equal(want, restore_image(net, D.read_image(img)))
-    for argv, needle in (([ckpts["sr2"], "--pixel-shuffle", 2], "not for a x2 super-resolution model"),
+    for argv, needle in (([ckpts["sr2"], "--pixel-shuffle", 2], "keep the size (denoising, JPEG), on images "
+                                                                "without a pattern; this one has scale 2"),
                          ([ckpts["rgb"], "--pixel-shuffle", 0], "--pixel-shuffle must be >= 1")):
         code, _, err = _run(["restore", "-o", tmp_path / "never", "--quiet", "--weights", *argv, img], capsys)
         assert code == 2 and needle in err, err

@@ -383,7 +383,7 @@ def test_photo_noise_seeded_camera_like(data_dir):
     assert abs(np.mean([(d - clean).mean() for d in draws])) < 1.5
     # the camera draws' noise is grainy (correlated between neighbours), the chroma more than
     # the luma (as on PolyU_dev); the plain Gaussian draws' is white
-    ycc = [(d - clean) @ D._YCBCR.T for d in draws]
+    ycc = [(d - clean) @ D.YCBCR_601.T for d in draws]
 
     def neighbours(r):
         return np.corrcoef(r[:, :-1].ravel(), r[:, 1:].ravel())[0, 1]

@@ -23,7 +23,7 @@ class ImageRunner:
     or reads a mosaic."""
 
     def __init__(self, opts: RunOptions, net, card: dict | None = None, task: str | None = None):
-        from rnan_fast.inference import cpu_tiling, model_scale, tile_batch_for
+        from rnan_fast.inference import check_pixel_shuffle, cpu_tiling, model_scale, tile_batch_for
 
         self.opts, self.net = opts, net
         task = task or (card or {}).get("task")
@@ -35,10 +35,10 @@ class ImageRunner:
         self.kwargs = dict(tile=opts.tile, overlap=overlap, chop=opts.chop, self_ensemble=opts.self_ensemble,
                            period=2 if task == "demosaic" else 1, tile_batch=tile_batch_for(opts.device),
                            pixel_shuffle=opts.pixel_shuffle)
-        if opts.pixel_shuffle > 1 and (task == "demosaic" or model_scale(net) != 1):
-            what = "a demosaicing model" if task == "demosaic" else f"a x{model_scale(net)} super-resolution model"
-            raise UserError(f"--pixel-shuffle splits the image into sub-images for a model that keeps the size "
-                            f"(denoising, JPEG): not for {what}")
+        try:
+            check_pixel_shuffle(opts.pixel_shuffle, model_scale(net), self.kwargs["period"])
+        except ValueError as e:
+            raise UserError(f"--pixel-shuffle {opts.pixel_shuffle}: {e}") from None
         self.told = False
         # auto-tiling only when nothing was chosen: no --tile, --chop or --whole
         self.auto = opts.tile is None and not opts.chop and not opts.whole
@@ -52,9 +52,8 @@ class ImageRunner:
         if not self.auto:
             return kwargs
         h, w = img.shape[:2]
-        k = self.opts.pixel_shuffle   # the model sees sub-images of ceil(h / k) x ceil(w / k)
         tiling = (self.tiling[0], self.kwargs["overlap"])
-        chosen = auto_tile(self.net, -(-h // k), -(-w // k), self.opts.device, tiling)
+        chosen = auto_tile(self.net, h, w, self.opts.device, tiling, self.opts.pixel_shuffle)
         if chosen is None:
             return kwargs
         kwargs["tile"], kwargs["overlap"] = chosen
