@@ -15,6 +15,9 @@
 - "menon": Menon, Andriani and Calvagno's demosaicing (2007, directional filtering with a
   posteriori decision), through the optional `colour-demosaicing` package
   (pip install "rnan_fast[demosaic]"), on the GRBG mosaic of rnan_fast.data.mosaic.
+- "bilinear": bilinear demosaicing of the same mosaic (rnan_fast.modules.MosaicFill, the fixed
+  fill that RNAN(mosaic="grbg") starts from): the floor a demosaicing model must clear, as
+  bicubic is for super-resolution.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import numpy as np
 from rnan_fast.imresize import to_uint8
 
 __all__ = ["Baseline", "BaselineUnavailable", "BASELINES", "check_baseline", "baseline_label", "run_baseline",
-           "bm3d_denoise", "nlm_denoise", "estimate_sigma", "pairs_sigma", "menon_demosaic", "NLM_H",
+           "bm3d_denoise", "nlm_denoise", "estimate_sigma", "pairs_sigma", "menon_demosaic", "bilinear_demosaic", "NLM_H",
            "PAIRS_SIGMA_LEVEL", "PAIRS_SIGMA_GAIN"]
 
 DENOISING_TASKS = ("denoise_gray", "denoise_rgb", "denoise_photo")
@@ -52,6 +55,8 @@ BASELINES = {
                     "pip install opencv-python-headless (a dependency of rnan_fast)"),
     "menon": Baseline("Menon", "Menon 2007 demosaicing (colour-demosaicing)", ("demosaic",), "colour_demosaicing",
                       'pip install "rnan_fast[demosaic]" (or: pip install colour-demosaicing)'),
+    "bilinear": Baseline("Bilinear", "bilinear demosaicing (modules.MosaicFill)", ("demosaic",), "torch",
+                         "pip install torch (a dependency of rnan_fast)"),
 }
 
 
@@ -98,6 +103,8 @@ def run_baseline(name: str, lq: np.ndarray, params: dict) -> np.ndarray:
         return nlm_denoise(lq)
     if name == "menon":
         return menon_demosaic(lq)
+    if name == "bilinear":
+        return to_uint8(bilinear_demosaic(lq))
     raise BaselineUnavailable(f"unknown baseline {name!r}; the baselines are: {', '.join(BASELINES)}")
 
 
@@ -191,3 +198,18 @@ def menon_demosaic(mosaiced: np.ndarray) -> np.ndarray:
     cfa = a.sum(axis=2)          # each site holds one colour, the others are zero
     out = _module("menon").demosaicing_CFA_Bayer_Menon2007(cfa, pattern="GRBG")
     return to_uint8(np.asarray(out, dtype=np.float64))
+
+
+def bilinear_demosaic(mosaiced: np.ndarray) -> np.ndarray:
+    """Bilinear demosaicing (modules.MosaicFill, in float64) of the 3-channel zero-filled GRBG
+    mosaic (H, W, 3) of rnan_fast.data.mosaic, any scale; returns float64 (H, W, 3), unrounded."""
+    import torch
+
+    from rnan_fast.modules import MosaicFill
+
+    a = np.asarray(mosaiced, dtype=np.float64)
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"bilinear_demosaic expects the 3-channel mosaic (H, W, 3), got shape {a.shape}")
+    with torch.no_grad():
+        out = MosaicFill().double()(torch.from_numpy(a).permute(2, 0, 1)[None])
+    return out[0].permute(1, 2, 0).numpy()

@@ -238,6 +238,12 @@ def forward_x8(forward: Forward, x: Tensor) -> Tensor:
     return (acc / 8).to(out_dtype)
 
 
+def task_period(task: str | None) -> int:
+    """The pattern period of a task's input (restore_tensor's `period`): 2 for "demosaic" (a
+    GRBG mosaic repeats every 2x2 pixels, so every model call must start on it), else 1."""
+    return 2 if task == "demosaic" else 1
+
+
 # --------------------------------------------------------------------------- pixel-shuffle downsampling
 
 def check_pixel_shuffle(k: int, scale: int = 1, period: int = 1) -> None:

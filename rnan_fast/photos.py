@@ -140,7 +140,7 @@ def restore_file(path_in: str | os.PathLike, path_out: str | os.PathLike, model=
     import torch
 
     from rnan_fast.inference import (DTYPES, auto_precision, auto_tile, check_pixel_shuffle, cpu_tiling,
-                                     model_colors, model_scale, restore_array, tile_batch_for)
+                                     model_colors, model_scale, restore_array, task_period, tile_batch_for)
 
     device = torch.device(device)
     dtype = DTYPES[auto_precision(device) if precision == "auto" else precision]
@@ -149,7 +149,7 @@ def restore_file(path_in: str | os.PathLike, path_out: str | os.PathLike, model=
     own_tile, own_overlap = cpu_tiling(card)
     overlap = own_overlap if overlap is None else overlap
     check_strength(strength, model_scale(net), task)
-    period = 2 if task == "demosaic" else 1
+    period = task_period(task)
     check_pixel_shuffle(pixel_shuffle, model_scale(net), period)
     photo = read_photo(path_in, max_pixels=max_pixels)
     pixels, note = model_input(photo, model_colors(net), task)

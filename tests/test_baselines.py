@@ -11,8 +11,8 @@ from PIL import Image
 
 from rnan_fast import RNAN, cli
 from rnan_fast import data as D
-from rnan_fast.baselines import (PAIRS_SIGMA_GAIN, PAIRS_SIGMA_LEVEL, BaselineUnavailable, bm3d_denoise,
-                                 check_baseline, estimate_sigma, menon_demosaic, nlm_denoise, pairs_sigma)
+from rnan_fast.baselines import (PAIRS_SIGMA_GAIN, PAIRS_SIGMA_LEVEL, BaselineUnavailable, bilinear_demosaic,
+                                 bm3d_denoise, check_baseline, estimate_sigma, menon_demosaic, nlm_denoise, pairs_sigma)
 from rnan_fast.metrics import evaluate, psnr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -146,6 +146,27 @@ def test_menon_demosaics_a_crop(colour_demosaicing, data_dir):
         menon_demosaic(np.zeros((4, 4)))
 
 
+def test_bilinear_demosaic_keeps_the_samples_and_is_evals_baseline(crops, tmp_path, capsys):
+    """Bilinear demosaicing keeps every sampled value, fills the rest between Menon-like and
+    mosaic quality, and `eval --baseline bilinear` scores exactly it."""
+    img = D.read_image(crops / "c0.png")
+    mosaiced = D.mosaic(img)
+    out = bilinear_demosaic(mosaiced)
+    assert out.dtype == np.float64 and out.shape == img.shape
+    sampled = D.mosaic(np.ones(img.shape)) > 0
+    np.testing.assert_array_equal(out[sampled], mosaiced[sampled].astype(np.float64))
+    assert psnr(img, D.to_uint8(out)) > psnr(img, mosaiced) + 10
+    with pytest.raises(ValueError, match="shape"):
+        bilinear_demosaic(np.zeros((4, 4)))
+    with pytest.raises(BaselineUnavailable, match="not to sr"):
+        check_baseline("bilinear", "sr")
+    code, out_text, err = _run(["eval", "--task", "demosaic", "--data", crops, "--quiet", "--baseline", "bilinear",
+                                "--csv", tmp_path / "b.csv"], capsys)
+    assert code == 0 and "baseline bilinear demosaicing" in out_text, err
+    row = _rows(tmp_path / "b.csv")[0]
+    assert float(row["psnr"]) == pytest.approx(evaluate(img, D.to_uint8(out), "demosaic")[0], abs=2e-6)
+
+
 def test_eval_menon_beside_the_model(colour_demosaicing, crops, tmp_path, capsys):
     torch.manual_seed(0)
     torch.save(RNAN(n_colors=3, n_feats=8, n_resgroups=2).state_dict(), tmp_path / "w.pt")
@@ -189,10 +210,7 @@ def test_estimate_sigma_at_a_coarser_level():
     white = 100.0 + rng.normal(0, 9, (256, 260, 3))
     for level in (0, 1, 2):
         assert abs(estimate_sigma(white, level) - 9) < 0.6, level
-    from rnan_fast.modules import MosaicFill
-
-    noise = torch.from_numpy(D.mosaic(rng.normal(0, 9, (256, 260, 3)))).permute(2, 0, 1)[None]
-    correlated = 100.0 + MosaicFill().double()(noise)[0].permute(1, 2, 0).numpy()   # bilinear demosaicing
+    correlated = 100.0 + bilinear_demosaic(D.mosaic(rng.normal(0, 9, (256, 260, 3))))
     fine, coarse = estimate_sigma(correlated), estimate_sigma(correlated, PAIRS_SIGMA_LEVEL)
     assert coarse > 1.5 * fine, (fine, coarse)
     with pytest.raises(ValueError, match="8x8"):

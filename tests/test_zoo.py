@@ -18,7 +18,8 @@ from rnan_fast import data as D
 from rnan_fast.cli.models import describe_noise, note_sigma
 from rnan_fast.inference import restore_image
 from rnan_fast.metrics import psnr
-from rnan_fast.modules import MosaicFill
+from rnan_fast.baselines import bilinear_demosaic
+from rnan_fast.imresize import to_uint8
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,14 +73,6 @@ def check_crop(data_dir, n_colors):
     return D.to_gray(img) if n_colors == 1 else img
 
 
-def bilinear_demosaic(mosaic):
-    """(H, W, 3) uint8 zero-filled GRBG mosaic -> its bilinear demosaicing (modules.MosaicFill),
-    rounded to uint8 as a stored image."""
-    x = torch.from_numpy(mosaic).permute(2, 0, 1)[None].double()
-    out = MosaicFill().double()(x)[0].permute(1, 2, 0).numpy()
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
 def check_model(name, data_dir):
     """What CI asks of a shipped model: its file matches its card (size, SHA-256, architecture),
     it loads, and it restores the check crop, degraded as its task says (Gaussian denoisers: noise
@@ -108,7 +101,7 @@ def check_model(name, data_dir):
     # the gain over the degraded input (SR: over bicubic upscaling of the same low-resolution crop;
     # demosaicing: over bilinear demosaicing of the same mosaic, the network's own starting point)
     before = (D.bicubic_upscale(degraded, net.scale) if task == "sr" else
-              bilinear_demosaic(degraded) if task == "demosaic" else degraded)
+              to_uint8(bilinear_demosaic(degraded)) if task == "demosaic" else degraded)
     gain = psnr(clean, restore_image(net, degraded)) - psnr(clean, before)
     assert gain > card["test_gain_db"], f"{name}: gain {gain:.2f} dB at {what}, card bound {card['test_gain_db']}"
     return gain

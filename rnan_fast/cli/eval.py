@@ -395,16 +395,19 @@ def _write_csv(path: Path, rows: list[dict], mean: dict) -> None:
 
 
 def add_parser(sub) -> None:
+    from rnan_fast.baselines import BASELINES   # numpy only: the optional packages load when a baseline runs
+
     e = sub.add_parser("eval", help="degrade a test set, restore it, print PSNR/SSIM",
                        description="Benchmark evaluation under the paper's protocols.",
                        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(e, default_model=False)
-    e.add_argument("--baseline", nargs="?", const="input", choices=("input", "bm3d", "nlm", "menon"),
+    e.add_argument("--baseline", nargs="?", const="input", choices=("input", *BASELINES),
                    help="--baseline alone: score the degraded input, no model (bicubic upscale for sr); "
                         "--baseline bm3d: BM3D / CBM3D given the true sigma (denoise_*; with --pairs an "
                         "estimated one, baselines.pairs_sigma; the optional bm3d package); --baseline nlm: "
                         "OpenCV's non-local means (denoise_*); --baseline menon: Menon 2007 demosaicing "
-                        "(demosaic; the optional colour-demosaicing package); alone or beside the model's "
+                        "(demosaic; the optional colour-demosaicing package); --baseline bilinear: bilinear "
+                        "demosaicing (demosaic); alone or beside the model's "
                         "columns on the same degraded images")
     e.add_argument("--task", choices=TASKS, help="the degradation protocol (default with --model: the "
                    "model card's task; required otherwise)")

@@ -23,7 +23,7 @@ class ImageRunner:
     or reads a mosaic."""
 
     def __init__(self, opts: RunOptions, net, card: dict | None = None, task: str | None = None):
-        from rnan_fast.inference import check_pixel_shuffle, cpu_tiling, model_scale, tile_batch_for
+        from rnan_fast.inference import check_pixel_shuffle, cpu_tiling, model_scale, task_period, tile_batch_for
 
         self.opts, self.net = opts, net
         task = task or (card or {}).get("task")
@@ -31,9 +31,8 @@ class ImageRunner:
         overlap = opts.overlap
         if overlap is None:   # the model's own, at most half of a --tile
             overlap = self.tiling[1] if opts.tile is None else min(self.tiling[1], opts.tile // 2)
-        # a demosaicing model reads a GRBG mosaic: every model call starts on its 2x2 pattern
         self.kwargs = dict(tile=opts.tile, overlap=overlap, chop=opts.chop, self_ensemble=opts.self_ensemble,
-                           period=2 if task == "demosaic" else 1, tile_batch=tile_batch_for(opts.device),
+                           period=task_period(task), tile_batch=tile_batch_for(opts.device),
                            pixel_shuffle=opts.pixel_shuffle)
         try:
             check_pixel_shuffle(opts.pixel_shuffle, model_scale(net), self.kwargs["period"])
