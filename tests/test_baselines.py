@@ -147,8 +147,8 @@ def test_menon_demosaics_a_crop(colour_demosaicing, data_dir):
 
 
 def test_bilinear_demosaic_keeps_the_samples_and_is_evals_baseline(crops, tmp_path, capsys):
-    """Bilinear demosaicing keeps every sampled value, fills the rest between Menon-like and
-    mosaic quality, and `eval --baseline bilinear` scores exactly it."""
+    """Bilinear demosaicing keeps every sampled value, fills the rest far above the zero-filled
+    mosaic, and `eval --baseline bilinear` scores exactly it (rounded as every output)."""
     img = D.read_image(crops / "c0.png")
     mosaiced = D.mosaic(img)
     out = bilinear_demosaic(mosaiced)

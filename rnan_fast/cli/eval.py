@@ -407,8 +407,8 @@ def add_parser(sub) -> None:
                         "estimated one, baselines.pairs_sigma; the optional bm3d package); --baseline nlm: "
                         "OpenCV's non-local means (denoise_*); --baseline menon: Menon 2007 demosaicing "
                         "(demosaic; the optional colour-demosaicing package); --baseline bilinear: bilinear "
-                        "demosaicing (demosaic); alone or beside the model's "
-                        "columns on the same degraded images")
+                        "demosaicing (demosaic); alone or beside the model's columns on the same degraded "
+                        "images")
     e.add_argument("--task", choices=TASKS, help="the degradation protocol (default with --model: the "
                    "model card's task; required otherwise)")
     e.add_argument("--sigma", type=float, help="noise level (denoise_*), 0..255 scale")
