@@ -19,7 +19,6 @@ from rnan_fast.cli.models import describe_noise, note_sigma
 from rnan_fast.inference import restore_image
 from rnan_fast.metrics import psnr
 from rnan_fast.baselines import bilinear_demosaic
-from rnan_fast.imresize import to_uint8
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,7 +100,7 @@ def check_model(name, data_dir):
     # the gain over the degraded input (SR: over bicubic upscaling of the same low-resolution crop;
     # demosaicing: over bilinear demosaicing of the same mosaic, the network's own starting point)
     before = (D.bicubic_upscale(degraded, net.scale) if task == "sr" else
-              to_uint8(bilinear_demosaic(degraded)) if task == "demosaic" else degraded)
+              D.to_uint8(bilinear_demosaic(degraded)) if task == "demosaic" else degraded)
     gain = psnr(clean, restore_image(net, degraded)) - psnr(clean, before)
     assert gain > card["test_gain_db"], f"{name}: gain {gain:.2f} dB at {what}, card bound {card['test_gain_db']}"
     return gain
